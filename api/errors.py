@@ -1,0 +1,73 @@
+"""One rendering for every error: {"error": {"code", "message"}} with the right status."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.schemas import ErrorResponse
+from shared.errors import DarkroomError
+
+log = logging.getLogger("darkroom.api")
+
+STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the error statuses a route can return."""
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{_field(err['loc'])}: unknown field"
+    if kind == "json_invalid":
+        return f"body: invalid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+    if kind == "missing":
+        return f"{_field(err['loc'])}: field required"
+    message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{_field(err['loc'])}: {message}"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(DarkroomError)
+    async def _darkroom(_: Request, exc: DarkroomError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        message = "; ".join(_describe(e) for e in errors[:5]) or "invalid request"
+        return error_response(422, "invalid_request", message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    @app.exception_handler(InterfaceError)
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        # The database is down or overloaded: tell clients to come back rather than hang or 500.
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return error_response(503, "database_unavailable", "the database is unavailable; retry shortly",
+                              {"Retry-After": "5"})

@@ -1,0 +1,98 @@
+"""The queue: the Celery app both sides share, queue names, publishing, and the per-job flags in Redis.
+
+The API publishes by task name and never imports the worker; the worker registers the tasks on this
+same app. Redis also carries two small flags per job: "published" (to spot messages that Redis lost)
+and "cancel" (checked by the worker at every denoising step).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis
+from celery import Celery
+
+from shared.settings import Settings, get_settings
+
+TASK_RUN_JOB = "jobs.run"
+# Long enough that a deep queue is not republished needlessly; a republished duplicate is harmless
+# anyway, because a job only runs if its conditional claim (queued -> running) succeeds.
+PUBLISHED_MARKER_TTL = 6 * 3600
+
+
+def queue_for_model(model: str) -> str:
+    """One queue per model, so a worker only takes jobs for models it serves."""
+    return f"model.{model}"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("darkroom", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        # A GPU job is long and precious: ack only once it is done, put it back if the worker dies,
+        # and never let one worker hoard messages another idle worker could run.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.job_soft_time_limit,
+        task_time_limit=settings.job_hard_time_limit,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "global_keyprefix": settings.redis_prefix,
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_default_queue=queue_for_model(settings.default_model),
+    )
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+@lru_cache
+def get_redis() -> redis.Redis:
+    settings = get_settings()
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+
+def _key(kind: str, job_id: str) -> str:
+    return f"{get_settings().redis_prefix}{kind}:{job_id}"
+
+
+def publish_job(job_id: str, queue: str) -> None:
+    """Send the run message. Call only after the job row is committed."""
+    settings = get_settings()
+    get_celery().send_task(
+        TASK_RUN_JOB,
+        args=[job_id],
+        queue=queue,
+        soft_time_limit=settings.job_soft_time_limit,
+        time_limit=settings.job_hard_time_limit,
+    )
+    get_redis().set(_key("published", job_id), 1, ex=PUBLISHED_MARKER_TTL)
+
+
+def is_published(job_ids: list[str]) -> list[bool]:
+    if not job_ids:
+        return []
+    values = get_redis().mget([_key("published", j) for j in job_ids])
+    return [v is not None for v in values]
+
+
+def request_cancel(job_id: str) -> None:
+    get_redis().set(_key("cancel", job_id), 1, ex=24 * 3600)
+
+
+def cancel_requested(job_id: str) -> bool:
+    return bool(get_redis().exists(_key("cancel", job_id)))
+
+
+def lock(name: str, timeout: float) -> redis.lock.Lock:
+    return get_redis().lock(f"{get_settings().redis_prefix}lock:{name}", timeout=timeout, blocking=False)

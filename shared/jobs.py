@@ -1,0 +1,249 @@
+"""The job state machine: the one place a job's status changes.
+
+Every change is a single conditional UPDATE (`... WHERE id = :id AND status IN (:allowed)`), so of two
+processes racing for the same move exactly one wins; the loser sees `False` and backs off. A move the
+table below does not allow raises `IllegalTransition` before any SQL runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from shared.errors import Conflict, IllegalTransition, NotFound
+from shared.tables import Job, utcnow
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING, CANCELED, FAILED}),
+    # running -> queued: a lease expired or a worker handed its job back on shutdown.
+    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELED, QUEUED}),
+    SUCCEEDED: frozenset(),
+    FAILED: frozenset(),
+    CANCELED: frozenset(),
+}
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    *,
+    from_: Iterable[str],
+    to: str,
+    where: Sequence[Any] = (),
+    values: dict[str, Any] | None = None,
+) -> bool:
+    """Move `job_id` from one of `from_` to `to`; return whether this caller won the move."""
+    sources = frozenset(from_)
+    for source in sources:
+        if to not in TRANSITIONS[source]:
+            raise IllegalTransition(f"job status cannot go from {source!r} to {to!r}")
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(sorted(sources)), *where)
+        .values(status=to, updated_at=now, **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    won = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    return won
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: str,
+    model: str,
+    queue: str,
+    request: dict[str, Any],
+    metadata: dict[str, Any] | None,
+) -> Job:
+    now = utcnow()
+    job = Job(
+        tenant_id=tenant_id,
+        status=QUEUED,
+        model=model,
+        queue=queue,
+        request=request,
+        client_metadata=metadata,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job:
+    """The job, or NotFound. With a tenant, another tenant's job is indistinguishable from none."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def claim_job(session: Session, job_id: str, *, worker_id: str, lease_seconds: int) -> Job | None:
+    """queued -> running for this worker. Returns the job with its new attempt number, or None if taken."""
+    now = utcnow()
+    won = transition(
+        session,
+        job_id,
+        from_=[QUEUED],
+        to=RUNNING,
+        values={
+            "attempts": Job.attempts + 1,
+            "worker_id": worker_id,
+            "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            "started_at": now,
+            "progress_step": None,
+            "progress_total": None,
+        },
+    )
+    return get_job(session, job_id) if won else None
+
+
+def _owned(job_id: str, attempt: int) -> list[Any]:
+    # A worker acts on a job only while the attempt it claimed is still the current one: once a lease
+    # expires and another worker claims the job, the first one's writes match nothing.
+    return [Job.attempts == attempt]
+
+
+def renew_lease(session: Session, job_id: str, *, attempt: int, lease_seconds: int) -> bool:
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, *_owned(job_id, attempt))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def record_progress(session: Session, job_id: str, *, attempt: int, step: int, total: int) -> bool:
+    """Store progress; returns False when the job is no longer this attempt's to run (canceled, taken over)."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, *_owned(job_id, attempt))
+        .values(progress_step=step, progress_total=total)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def succeed_job(session: Session, job_id: str, *, attempt: int, outputs: list[dict[str, Any]]) -> bool:
+    # Outputs are written in the same UPDATE as the status, so no reader ever sees a partial list.
+    return transition(
+        session,
+        job_id,
+        from_=[RUNNING],
+        to=SUCCEEDED,
+        where=_owned(job_id, attempt),
+        values={"outputs": outputs, "finished_at": utcnow(), "lease_expires_at": None},
+    )
+
+
+def fail_job(session: Session, job_id: str, *, attempt: int | None, code: str, message: str) -> bool:
+    """running -> failed (for the given attempt), or queued -> failed when `attempt` is None."""
+    values = {"error_code": code, "error_message": message[:2000], "finished_at": utcnow(), "lease_expires_at": None}
+    if attempt is None:
+        return transition(session, job_id, from_=[QUEUED], to=FAILED, values=values)
+    return transition(session, job_id, from_=[RUNNING], to=FAILED, where=_owned(job_id, attempt), values=values)
+
+
+def hand_back(session: Session, job_id: str, *, attempt: int) -> bool:
+    """running -> queued, e.g. on graceful shutdown; the attempt is not counted against the job."""
+    return transition(
+        session,
+        job_id,
+        from_=[RUNNING],
+        to=QUEUED,
+        where=_owned(job_id, attempt),
+        values={"attempts": Job.attempts - 1, "worker_id": None, "lease_expires_at": None},
+    )
+
+
+def cancel_job(session: Session, job_id: str, tenant_id: str) -> Job:
+    job = get_job(session, job_id, tenant_id)
+    if job.status in TERMINAL:
+        raise Conflict(f"job {job_id!r} is already {job.status}", code="job_finished")
+    won = transition(
+        session,
+        job_id,
+        from_=[QUEUED, RUNNING],
+        to=CANCELED,
+        values={"finished_at": utcnow(), "lease_expires_at": None, "outputs": None},
+    )
+    job = get_job(session, job_id)
+    if not won:
+        # It finished between our read and our update.
+        raise Conflict(f"job {job_id!r} is already {job.status}", code="job_finished")
+    return job
+
+
+def expire_leases(session: Session, *, max_attempts: int, now: datetime | None = None) -> list[Job]:
+    """Running jobs whose worker went silent: back to the queue, or failed once out of attempts.
+
+    Returns the jobs put back in the queue, for the caller to publish after commit.
+    """
+    now = now or utcnow()
+    stale = session.scalars(
+        select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now).limit(500)
+    ).all()
+    requeued = []
+    for job in stale:
+        lease_still_expired = [Job.lease_expires_at < now, Job.attempts == job.attempts]
+        if job.attempts >= max_attempts:
+            transition(
+                session,
+                job.id,
+                from_=[RUNNING],
+                to=FAILED,
+                where=lease_still_expired,
+                values={
+                    "error_code": "worker_crashed",
+                    "error_message": f"the worker running this job stopped responding {job.attempts} times",
+                    "finished_at": now,
+                    "lease_expires_at": None,
+                },
+            )
+        elif transition(
+            session,
+            job.id,
+            from_=[RUNNING],
+            to=QUEUED,
+            where=lease_still_expired,
+            values={"worker_id": None, "lease_expires_at": None, "progress_step": None, "progress_total": None},
+        ):
+            requeued.append(job)
+    return requeued
+
+
+def queued_before(session: Session, cutoff: datetime, limit: int = 1000) -> list[tuple[str, str]]:
+    """(id, queue) of jobs queued and untouched since `cutoff`, oldest first."""
+    rows = session.execute(
+        select(Job.id, Job.queue)
+        .where(Job.status == QUEUED, Job.updated_at < cutoff)
+        .order_by(Job.updated_at)
+        .limit(limit)
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def list_jobs(
+    session: Session, tenant_id: str, *, status: str | None, limit: int, after: tuple[datetime, str] | None
+) -> list[Job]:
+    """A tenant's jobs, newest first, starting below the keyset cursor `after` (created_at, id)."""
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if after is not None:
+        created, job_id = after
+        stmt = stmt.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    return list(session.scalars(stmt).all())

@@ -1,0 +1,68 @@
+"""Self-healing: republish jobs whose message Redis lost, and take jobs back from workers that died.
+
+It runs as a thread inside every worker process, under a Redis lock, so one instance acts at a time and
+`darkroom api` plus `darkroom worker` need nothing else to recover.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+import redis
+
+from shared import broker
+from shared.db import session_scope
+from shared.jobs import expire_leases, queued_before
+from shared.settings import get_settings
+from shared.tables import utcnow
+
+log = logging.getLogger("darkroom.reconciler")
+
+# A job is only republished once it has sat in `queued` this long without a "published" marker, so the
+# reconciler does not race the API between its commit and its publish.
+PUBLISH_GRACE = timedelta(seconds=2)
+
+
+def reconcile_once() -> dict[str, int]:
+    settings = get_settings()
+    with session_scope() as session:
+        requeued = [(j.id, j.queue) for j in expire_leases(session, max_attempts=settings.max_attempts)]
+    for job_id, queue in requeued:
+        log.warning("lease expired; job %s back in queue %s", job_id, queue)
+        broker.publish_job(job_id, queue)
+
+    with session_scope() as session:
+        waiting = queued_before(session, utcnow() - PUBLISH_GRACE)
+    flags = broker.is_published([job_id for job_id, _ in waiting])
+    lost = [(job_id, queue) for (job_id, queue), ok in zip(waiting, flags, strict=True) if not ok]
+    for job_id, queue in lost:
+        log.warning("message for queued job %s was lost; republishing to %s", job_id, queue)
+        broker.publish_job(job_id, queue)
+    return {"requeued": len(requeued), "republished": len(lost)}
+
+
+def run_forever(stop: threading.Event) -> None:
+    settings = get_settings()
+    interval = settings.reconcile_interval
+    while not stop.wait(interval):
+        try:
+            lock = broker.lock("reconciler", timeout=max(interval * 4, 30))
+            if not lock.acquire():
+                continue
+            try:
+                reconcile_once()
+            finally:
+                try:
+                    lock.release()
+                except redis.exceptions.LockError:
+                    pass
+        except Exception:  # keep healing through database or Redis outages
+            log.exception("reconciler pass failed")
+
+
+def start_thread() -> threading.Event:
+    stop = threading.Event()
+    threading.Thread(target=run_forever, args=(stop,), name="darkroom-reconciler", daemon=True).start()
+    return stop

@@ -1,0 +1,152 @@
+"""Where images live: a local directory (served by the API through signed, expiring URLs) or any
+S3-compatible bucket (presigned GET URLs). Keys are chosen by darkroom, never by clients."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlencode, urlparse
+
+from shared.errors import Forbidden, NotFound
+from shared.settings import Settings, get_settings
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def url(self, key: str) -> str: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def ping(self) -> None: ...
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+def sign(secret: str, key: str, expires: int) -> str:
+    return hmac.new(secret.encode(), f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+class LocalStorage:
+    def __init__(self, root: Path, public_url: str, secret: str, ttl: int):
+        self.root = root.resolve()
+        self.public_url = public_url.rstrip("/")
+        self.secret = secret
+        self.ttl = ttl
+
+    def path(self, key: str) -> Path:
+        path = (self.root / _check_key(key)).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"invalid storage key {key!r}")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def url(self, key: str) -> str:
+        expires = int(time.time()) + self.ttl
+        query = urlencode({"expires": expires, "sig": sign(self.secret, key, expires)})
+        return f"{self.public_url}/files/{quote(key)}?{query}"
+
+    def open_signed(self, key: str, expires: int, sig: str) -> Path:
+        """The file behind a signed URL; Forbidden if tampered or expired, NotFound if gone."""
+        try:
+            path = self.path(key)
+        except ValueError as exc:
+            raise NotFound("no such file") from exc
+        if not hmac.compare_digest(sign(self.secret, key, expires), sig):
+            raise Forbidden("invalid signature", code="invalid_signature")
+        if expires < time.time():
+            raise Forbidden("this URL has expired", code="url_expired")
+        if not path.is_file():
+            raise NotFound("no such file")
+        return path
+
+    def delete_prefix(self, prefix: str) -> None:
+        base = self.path(prefix.rstrip("/"))
+        if base.is_dir():
+            for child in sorted(base.rglob("*"), reverse=True):
+                child.unlink() if child.is_file() else child.rmdir()
+            base.rmdir()
+
+    def ping(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise OSError(f"storage directory {self.root} is not writable")
+
+
+class S3Storage:
+    def __init__(self, bucket: str, prefix: str, settings: Settings):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.ttl = settings.url_ttl_seconds
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            config=Config(
+                signature_version="s3v4",
+                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
+            ),
+        )
+
+    def _full(self, key: str) -> str:
+        key = _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
+
+    def url(self, key: str) -> str:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=self.ttl
+        )
+
+    def delete_prefix(self, prefix: str) -> None:
+        full = self._full(prefix.rstrip("/")) + "/"
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        for page in pages:
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+    def ping(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+
+def make_storage(settings: Settings) -> LocalStorage | S3Storage:
+    url = urlparse(settings.storage_url)
+    if url.scheme == "file":
+        return LocalStorage(Path(url.path), settings.public_url, settings.secret_key, settings.url_ttl_seconds)
+    if url.scheme == "s3":
+        return S3Storage(url.netloc, url.path, settings)
+    raise ValueError(f"DARKROOM_STORAGE_URL must start with file:// or s3://, got {settings.storage_url!r}")
+
+
+@lru_cache
+def get_storage() -> LocalStorage | S3Storage:
+    return make_storage(get_settings())
+
+
+def output_key(job_id: str, index: int, extension: str = "png") -> str:
+    """Deterministic: a retried job overwrites its own objects, never adds more."""
+    return f"jobs/{job_id}/{index}.{extension}"

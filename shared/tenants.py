@@ -1,0 +1,46 @@
+"""Tenants and their API keys. A key is shown once at creation; only its SHA-256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.tables import ApiKey, Tenant, utcnow
+
+KEY_PREFIX = "dr_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_key(session: Session, tenant_name: str) -> str:
+    tenant = get_or_create_tenant(session, tenant_name)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, key: str) -> str | None:
+    """The tenant id owning this live key, or None."""
+    return session.scalar(
+        select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    )
+
+
+def revoke_key(session: Session, key: str) -> bool:
+    stmt = update(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    return session.execute(stmt.values(revoked_at=utcnow())).rowcount == 1  # type: ignore[attr-defined]

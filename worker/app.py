@@ -1,0 +1,34 @@
+"""The worker's Celery app: the shared app with the tasks registered and the process hooks installed."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from shared import broker, db, reconciler
+from worker import tasks
+
+app = broker.get_celery()
+tasks.register(app)
+_stop_reconciler = None
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: object) -> None:
+    # A forked pool child must not share the parent's database or Redis sockets.
+    db.reset_connections()
+    broker.get_redis.cache_clear()
+
+
+@worker_ready.connect
+def _start_reconciler(**_: object) -> None:
+    global _stop_reconciler
+    _stop_reconciler = reconciler.start_thread()
+    logging.getLogger("darkroom.worker").info("reconciler started")
+
+
+@worker_shutdown.connect
+def _stop(**_: object) -> None:
+    if _stop_reconciler is not None:
+        _stop_reconciler.set()
