@@ -25,8 +25,9 @@ def get_tenant(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`",
-                           headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "missing API key: send `Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"}
+        )
     with session_scope() as session:
         tenant_id = authenticate(session, key.strip())
     if tenant_id is None:

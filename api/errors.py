@@ -17,8 +17,15 @@ from shared.errors import DarkroomError
 
 log = logging.getLogger("darkroom.api")
 
-STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+}
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -69,5 +76,6 @@ def install(app: FastAPI) -> None:
     async def _database(_: Request, exc: Exception) -> JSONResponse:
         # The database is down or overloaded: tell clients to come back rather than hang or 500.
         log.warning("database unavailable: %s", type(exc).__name__)
-        return error_response(503, "database_unavailable", "the database is unavailable; retry shortly",
-                              {"Retry-After": "5"})
+        return error_response(
+            503, "database_unavailable", "the database is unavailable; retry shortly", {"Retry-After": "5"}
+        )

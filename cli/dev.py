@@ -62,7 +62,7 @@ def run_dev(host: str, port: int) -> None:
             f"dev API key: {key}   (kept in {settings.data_dir / 'dev-api-key'})\n\n"
             "Submit a job:\n"
             f"  curl -s {url}/v1/jobs -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
-            "       -d '{\"prompt\": \"a lighthouse at dusk\", \"seed\": 42}'\n"
+            '       -d \'{"prompt": "a lighthouse at dusk", "seed": 42}\'\n'
             "Poll it (put the returned id in place of JOB_ID):\n"
             f"  curl -s {url}/v1/jobs/JOB_ID -H 'Authorization: Bearer {key}'\n\n"
             "Ctrl-C stops both processes.\n",

@@ -11,8 +11,14 @@ from pathlib import Path
 def _api(args: argparse.Namespace) -> None:
     import uvicorn
 
-    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+    )
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -22,8 +28,19 @@ def _worker(args: argparse.Namespace) -> None:
     queues = args.queues or ",".join(queue_for_model(name) for name in get_registry().names)
     from worker.app import app
 
-    argv = ["worker", "-Q", queues, "--concurrency", str(args.concurrency), "--pool", "prefork",
-            "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        "-Q",
+        queues,
+        "--concurrency",
+        str(args.concurrency),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        args.log_level.upper(),
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if args.hostname:
         argv += ["--hostname", args.hostname]
     app.worker_main(argv)

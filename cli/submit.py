@@ -27,8 +27,19 @@ def _api_key(given: str | None) -> str:
 
 def submit(args: argparse.Namespace) -> None:
     url = args.url or os.environ.get("DARKROOM_API_URL", "http://127.0.0.1:8000")
-    fields = {k: getattr(args, k) for k in ("model", "negative_prompt", "width", "height", "steps",
-                                             "guidance_scale", "seed", "num_images")}
+    fields = {
+        k: getattr(args, k)
+        for k in (
+            "model",
+            "negative_prompt",
+            "width",
+            "height",
+            "steps",
+            "guidance_scale",
+            "seed",
+            "num_images",
+        )
+    }
     with Client(url, _api_key(args.api_key)) as client:
         try:
             job = client.submit(args.prompt, **fields)
@@ -49,14 +60,21 @@ def submit(args: argparse.Namespace) -> None:
 
 
 def _wait(client: Client, job: dict[str, Any]) -> dict[str, Any]:
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=None, transient=True) as bar:
         task = bar.add_task(f"{job['id'][:8]} queued", total=job["request"]["steps"])
 
         def update(current: dict[str, Any]) -> None:
             progress = current.get("progress") or {}
-            bar.update(task, description=f"{current['id'][:8]} {current['status']}",
-                       completed=progress.get("step", 0))
+            bar.update(
+                task,
+                description=f"{current['id'][:8]} {current['status']}",
+                completed=progress.get("step", 0),
+            )
 
         return client.wait(job["id"], on_update=update, interval=0.25)

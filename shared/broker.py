@@ -44,6 +44,9 @@ def make_celery(settings: Settings) -> Celery:
             "global_keyprefix": settings.redis_prefix,
         },
         broker_connection_retry_on_startup=True,
+        # The API publishes after its commit; when Redis is down it must answer quickly and leave the job
+        # to the reconciler rather than hold the request in long publish retries.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_default_queue=queue_for_model(settings.default_model),

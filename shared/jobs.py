@@ -150,7 +150,12 @@ def succeed_job(session: Session, job_id: str, *, attempt: int, outputs: list[di
 
 def fail_job(session: Session, job_id: str, *, attempt: int | None, code: str, message: str) -> bool:
     """running -> failed (for the given attempt), or queued -> failed when `attempt` is None."""
-    values = {"error_code": code, "error_message": message[:2000], "finished_at": utcnow(), "lease_expires_at": None}
+    values = {
+        "error_code": code,
+        "error_message": message[:2000],
+        "finished_at": utcnow(),
+        "lease_expires_at": None,
+    }
     if attempt is None:
         return transition(session, job_id, from_=[QUEUED], to=FAILED, values=values)
     return transition(session, job_id, from_=[RUNNING], to=FAILED, where=_owned(job_id, attempt), values=values)
@@ -192,9 +197,7 @@ def expire_leases(session: Session, *, max_attempts: int, now: datetime | None =
     Returns the jobs put back in the queue, for the caller to publish after commit.
     """
     now = now or utcnow()
-    stale = session.scalars(
-        select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now).limit(500)
-    ).all()
+    stale = session.scalars(select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now).limit(500)).all()
     requeued = []
     for job in stale:
         lease_still_expired = [Job.lease_expires_at < now, Job.attempts == job.attempts]
@@ -218,7 +221,12 @@ def expire_leases(session: Session, *, max_attempts: int, now: datetime | None =
             from_=[RUNNING],
             to=QUEUED,
             where=lease_still_expired,
-            values={"worker_id": None, "lease_expires_at": None, "progress_step": None, "progress_total": None},
+            values={
+                "worker_id": None,
+                "lease_expires_at": None,
+                "progress_step": None,
+                "progress_total": None,
+            },
         ):
             requeued.append(job)
     return requeued

@@ -6,6 +6,7 @@ It runs as a thread inside every worker process, under a Redis lock, so one inst
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from datetime import timedelta
@@ -54,10 +55,8 @@ def run_forever(stop: threading.Event) -> None:
             try:
                 reconcile_once()
             finally:
-                try:
+                with contextlib.suppress(redis.exceptions.LockError):
                     lock.release()
-                except redis.exceptions.LockError:
-                    pass
         except Exception:  # keep healing through database or Redis outages
             log.exception("reconciler pass failed")
 

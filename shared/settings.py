@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,29 +13,57 @@ PLACEHOLDER_SECRET = "dev-insecure-change-me"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
-    env: str = Field("development", description="`development` or `production`; production refuses placeholder secrets.")
-    data_dir: Path = Field(Path("data"), description="Where the embedded defaults keep their files (SQLite, images, models, dev key).")
+    env: str = Field(
+        "development", description="`development` or `production`; production refuses placeholder secrets."
+    )
+    data_dir: Path = Field(
+        Path("data"),
+        description="Where the embedded defaults keep their files (SQLite, images, models, dev key).",
+    )
     database_url: str = Field("", description="SQLAlchemy URL. Default: a SQLite file `<data_dir>/darkroom.db`.")
-    redis_url: str = Field("redis://localhost:6379/0", description="Redis for the Celery broker, cancel flags and locks.")
+    redis_url: str = Field(
+        "redis://localhost:6379/0", description="Redis for the Celery broker, cancel flags and locks."
+    )
     redis_prefix: str = Field("darkroom:", description="Prefix of every Redis key darkroom and its Celery queues use.")
-    storage_url: str = Field("", description="`file:///abs/dir` or `s3://bucket/prefix`. Default: `file://<data_dir>/storage`.")
-    s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible server (MinIO, R2, ...); unset for AWS.")
+    storage_url: str = Field(
+        "", description="`file:///abs/dir` or `s3://bucket/prefix`. Default: `file://<data_dir>/storage`."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible server (MinIO, R2, ...); unset for AWS."
+    )
     s3_region: str = Field("us-east-1", description="Region used to sign S3 requests.")
     url_ttl_seconds: int = Field(3600, ge=1, description="Lifetime of output URLs (S3 presigned or local signed).")
-    public_url: str = Field("http://127.0.0.1:8000", description="Base URL of the API as clients reach it; local-storage URLs start with it.")
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Base URL of the API as clients reach it; local-storage URLs start with it.",
+    )
     secret_key: str = Field(PLACEHOLDER_SECRET, description="Signs local-storage URLs. Must be set in production.")
     models_file: Path | None = Field(None, description="TOML model registry. Default: the built-in one with `tiny-sd`.")
     default_model: str = Field("tiny-sd", description="Model used when a job names none.")
-    model_cache_dir: Path | None = Field(None, description="Where built-in models are built. Default: `<data_dir>/models`.")
+    model_cache_dir: Path | None = Field(
+        None, description="Where built-in models are built. Default: `<data_dir>/models`."
+    )
     device: str = Field("auto", description="Torch device for workers: `auto`, `cuda`, `cuda:N` or `cpu`.")
     max_body_bytes: int = Field(1_048_576, description="Largest request body accepted; larger is refused with 413.")
-    job_soft_time_limit: int = Field(600, description="Seconds a job may run before it is stopped and failed with `timeout`.")
+    job_soft_time_limit: int = Field(
+        600, description="Seconds a job may run before it is stopped and failed with `timeout`."
+    )
     job_hard_time_limit: int = Field(660, description="Seconds after which the worker process running a job is killed.")
-    max_attempts: int = Field(3, ge=1, description="Runs a job gets (worker crashes included) before it fails with `worker_crashed`.")
-    lease_seconds: int = Field(30, ge=2, description="A running job whose worker sent no heartbeat for this long is given back to the queue.")
-    reconcile_interval: float = Field(5.0, gt=0, description="Seconds between reconciler passes (republish lost messages, expire leases).")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Runs a job gets (worker crashes included) before it fails with `worker_crashed`.",
+    )
+    lease_seconds: int = Field(
+        30,
+        ge=2,
+        description="A running job whose worker sent no heartbeat for this long is given back to the queue.",
+    )
+    reconcile_interval: float = Field(
+        5.0, gt=0, description="Seconds between reconciler passes (republish lost messages, expire leases)."
+    )
     progress_interval: float = Field(0.5, ge=0, description="Least seconds between two progress writes of one job.")
 
     @model_validator(mode="after")
@@ -61,4 +90,7 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    # DARKROOM_ENV_FILE picks another dotenv file; empty disables it (the test suite does, so a developer's
+    # .env never leaks into tests).
+    env_file = os.environ.get("DARKROOM_ENV_FILE", ".env")
+    return Settings(_env_file=env_file or None)

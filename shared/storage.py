@@ -10,7 +10,7 @@ import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlparse
 
 from shared.errors import Forbidden, NotFound
@@ -53,9 +53,14 @@ class LocalStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a reader never sees half a file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            # A failed write (disk full, file too large) must not leave its half file behind.
+            os.unlink(tmp)
+            raise
 
     def url(self, key: str) -> str:
         expires = int(time.time()) + self.ttl
@@ -125,7 +130,7 @@ class S3Storage:
         full = self._full(prefix.rstrip("/")) + "/"
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
         for page in pages:
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            keys: Any = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
 

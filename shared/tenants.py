@@ -36,9 +36,7 @@ def create_key(session: Session, tenant_name: str) -> str:
 
 def authenticate(session: Session, key: str) -> str | None:
     """The tenant id owning this live key, or None."""
-    return session.scalar(
-        select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
-    )
+    return session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
 
 
 def revoke_key(session: Session, key: str) -> bool:

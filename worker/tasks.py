@@ -99,8 +99,15 @@ def run_job(job_id: str) -> str:
         for index, image in enumerate(images):
             key = output_key(job_id, index)
             storage.put(key, encode_png(image), "image/png")
-            outputs.append({"key": key, "width": image.width, "height": image.height,
-                            "seed": int(request["seed"]) + index, "content_type": "image/png"})
+            outputs.append(
+                {
+                    "key": key,
+                    "width": image.width,
+                    "height": image.height,
+                    "seed": int(request["seed"]) + index,
+                    "content_type": "image/png",
+                }
+            )
         with session_scope() as session:
             won = succeed_job(session, job_id, attempt=attempt, outputs=outputs)
     if not won:

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,13 @@ def write_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     """A small byte-level BPE vocabulary: every byte alone and word-final, plus a few common merges."""
     chars = list(_bytes_to_unicode().values())
     merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "n</w>"), ("i", "n"), ("e", "r</w>")]
-    tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges), "<|startoftext|>", "<|endoftext|>"]
+    tokens = [
+        *chars,
+        *(c + "</w>" for c in chars),
+        *("".join(m) for m in merges),
+        "<|startoftext|>",
+        "<|endoftext|>",
+    ]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
     vocab_file.write_text(json.dumps(vocab))
@@ -40,7 +47,7 @@ def write_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_tiny_sd(seed: int = 0):  # type: ignore[no-untyped-def]
+def build_tiny_sd(seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -86,8 +93,12 @@ def build_tiny_sd(seed: int = 0):  # type: ignore[no-untyped-def]
         sample_size=64,
     )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        timestep_spacing="leading", steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
     )
     return StableDiffusionPipeline(
         vae=vae,

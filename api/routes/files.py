@@ -13,7 +13,9 @@ router = APIRouter(tags=["files"])
 
 
 @router.get("/files/{key:path}", response_class=FileResponse, responses=responses(403, 404))
-def get_file(key: str, expires: int = Query(..., ge=0, le=2**40), sig: str = Query(..., max_length=128)) -> FileResponse:
+def get_file(
+    key: str, expires: int = Query(..., ge=0, le=2**40), sig: str = Query(..., max_length=128)
+) -> FileResponse:
     """Download an output through the signed URL a job returned."""
     storage = get_storage()
     if not isinstance(storage, LocalStorage):

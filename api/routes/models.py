@@ -21,10 +21,20 @@ def list_models(_: TenantDep) -> ModelList:
                 name=m.name,
                 family=m.family,
                 description=m.description,
-                defaults={"width": m.default_width, "height": m.default_height, "steps": m.default_steps,
-                          "guidance_scale": m.default_guidance},
-                limits={"min_size": m.min_size, "max_width": m.max_width, "max_height": m.max_height,
-                        "max_steps": m.max_steps, "max_guidance_scale": m.max_guidance, "max_images": 8},
+                defaults={
+                    "width": m.default_width,
+                    "height": m.default_height,
+                    "steps": m.default_steps,
+                    "guidance_scale": m.default_guidance,
+                },
+                limits={
+                    "min_size": m.min_size,
+                    "max_width": m.max_width,
+                    "max_height": m.max_height,
+                    "max_steps": m.max_steps,
+                    "max_guidance_scale": m.max_guidance,
+                    "max_images": 8,
+                },
             )
             for m in get_registry().models.values()
         ]
