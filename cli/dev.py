@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -46,6 +47,7 @@ def run_dev(host: str, port: int) -> None:
     _check_redis(settings.redis_url)
     from shared.migrate import upgrade
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     upgrade()
     key = _dev_key()
     url = f"http://{host}:{port}"

@@ -91,7 +91,9 @@ def test_a_cancel_flag_stops_the_job_before_any_output(darkroom_env: dict[str, A
     assert not get_storage().path(f"jobs/{job_id}").exists()  # type: ignore[union-attr]
 
 
-def test_a_job_canceled_in_the_database_stops_at_the_next_progress_write(darkroom_env: dict[str, Any]) -> None:
+def test_a_job_canceled_in_the_database_stops_at_the_next_progress_write(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     job_id, tenant_id = submit(steps=20)
     hook_calls = []
 
@@ -104,11 +106,8 @@ def test_a_job_canceled_in_the_database_stops_at_the_next_progress_write(darkroo
                 cancel_job(session, job_id, tenant_id)  # as the API does, but with no Redis flag
         original(self, step, total)
 
-    pytest.MonkeyPatch().setattr(tasks.StepHook, "__call__", cancel_at_step_2)
-    try:
-        assert tasks.run_job(job_id) == "stopped"
-    finally:
-        tasks.StepHook.__call__ = original  # type: ignore[method-assign]
+    monkeypatch.setattr(tasks.StepHook, "__call__", cancel_at_step_2)
+    assert tasks.run_job(job_id) == "stopped"
     assert hook_calls == [1, 2]
     with session_scope() as session:
         assert get_job(session, job_id).status == "canceled"
