@@ -63,6 +63,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status_updated", "status", "updated_at"),
+        Index("ix_jobs_queue_status_priority", "queue", "status", "priority", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -70,6 +71,10 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued")
     model: Mapped[str] = mapped_column(String(200))
     queue: Mapped[str] = mapped_column(String(200))
+    # 0 low, 1 normal, 2 high: workers take higher priorities first (shared.jobs owns the order).
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Jobs with equal batch keys can share one pipeline call (same model, task, size, steps, ...).
+    batch_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     outputs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
