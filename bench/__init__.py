@@ -1,0 +1,1 @@
+"""Benchmarks: they print figures; they do not pass or fail."""
