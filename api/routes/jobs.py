@@ -108,7 +108,7 @@ async def create_job(
     tenant_id: TenantDep,
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
-    prefer: Annotated[str | None, Header(description=PREFER_DESCRIPTION, examples=["wait=30"])] = None,
+    prefer: Annotated[str | None, Header(alias="Prefer", description=PREFER_DESCRIPTION, examples=["wait=30"])] = None,
 ) -> JobRead:
     """Submit a job; it is queued at once and runs on the next free worker for its model."""
     job_id, replayed = await run_in_threadpool(_submit, body, tenant_id, idempotency_key)
