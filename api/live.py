@@ -55,6 +55,11 @@ def snapshot(job_id: str, tenant_id: str | None = None) -> Snapshot:
         return Snapshot(job.status, job.progress_step, job.progress_total, job_view(session, job))
 
 
+def _status(job_id: str) -> str:
+    with session_scope() as session:
+        return jobs.get_job(session, job_id).status
+
+
 def _redis() -> aioredis.Redis:
     # One client per request: a long poll or an event stream holds it for its whole life anyway.
     return aioredis.Redis.from_url(get_settings().redis_url, socket_timeout=10, socket_connect_timeout=2)
@@ -83,7 +88,7 @@ async def wait_for_terminal(job_id: str, seconds: float) -> None:
     cursor = "$"
     try:
         while True:
-            if (await run_in_threadpool(snapshot, job_id)).status in jobs.TERMINAL:
+            if await run_in_threadpool(_status, job_id) in jobs.TERMINAL:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
