@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routes import files, health, jobs, models
+from api.routes import events, files, health, jobs, models, webhooks
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -14,6 +14,10 @@ darkroom runs Stable Diffusion jobs on a pool of GPU workers. Submit a job, get 
 `GET /v1/jobs/{id}` until it is `succeeded` and download its `outputs`.
 
 Every `/v1` route needs `Authorization: Bearer <key>`. Errors are `{"error": {"code", "message"}}`.
+
+For product backends: `Idempotency-Key` on creating POSTs makes retries safe; `webhook_url` on a job gets
+signed Standard Webhooks notifications; `GET /v1/jobs/{id}/events` streams live progress (SSE);
+`GET /v1/jobs/{id}?wait=N` and `Prefer: wait=N` on submit long-poll for the result.
 """
 
 
@@ -21,7 +25,7 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="darkroom", version="1", description=DESCRIPTION)
     errors.install(app)
-    for module in (jobs, models, health, files):
+    for module in (jobs, events, webhooks, models, health, files):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

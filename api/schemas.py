@@ -16,6 +16,7 @@ MAX_METADATA_BYTES = 4096
 MAX_SEED = 2**32 - 1
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+WebhookEvent = Literal["started", "progress", "succeeded", "failed", "canceled"]
 
 
 class JobCreate(BaseModel):
@@ -36,6 +37,8 @@ class JobCreate(BaseModel):
                     "seed": 42,
                     "num_images": 2,
                     "metadata": {"campaign": "spring"},
+                    "webhook_url": "https://example.com/hooks/darkroom",
+                    "webhook_events": ["succeeded", "failed", "canceled"],
                 }
             ]
         },
@@ -51,6 +54,17 @@ class JobCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i.")
     num_images: int = Field(1, ge=1, le=8, description="Images to make, 1 to 8.")
     metadata: dict[str, Any] | None = Field(None, description="Your own small JSON object, echoed back.")
+    webhook_url: str | None = Field(
+        None,
+        max_length=2000,
+        description="http(s) URL that receives signed Standard Webhooks POSTs about this job "
+        "(see GET /v1/webhook-secret). Private and loopback addresses are refused.",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        description="Events to send to `webhook_url`; default the terminal ones: succeeded, failed, canceled.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -123,7 +137,35 @@ class JobError(BaseModel):
     message: str
 
 
+class JobWebhook(BaseModel):
+    url: str
+    events: list[WebhookEvent]
+
+
 class JobRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3f1c2a9be0d94c51a7f0d6b1c2e3f4a5",
+                    "status": "queued",
+                    "model": "tiny-sd",
+                    "request": {"task": "txt2img", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4},
+                    "created_at": "2026-01-01T12:00:00Z",
+                    "started_at": None,
+                    "finished_at": None,
+                    "progress": None,
+                    "queue_position": 3,
+                    "eta_seconds": 12,
+                    "outputs": [],
+                    "error": None,
+                    "metadata": {"campaign": "spring"},
+                    "webhook": {"url": "https://example.com/hooks/darkroom", "events": ["succeeded", "failed"]},
+                }
+            ]
+        }
+    )
+
     id: str
     status: JobStatus
     model: str
@@ -132,9 +174,16 @@ class JobRead(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     progress: Progress | None
+    queue_position: int | None = Field(
+        None, description="Queued jobs a worker takes before this one (0: next); null unless queued."
+    )
+    eta_seconds: int | None = Field(
+        None, description="Estimated seconds until done, from measured run times; null unless queued or unknown."
+    )
     outputs: list[Output]
     error: JobError | None
     metadata: dict[str, Any] | None
+    webhook: JobWebhook | None = None
 
 
 class JobList(BaseModel):
@@ -161,3 +210,91 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class WebhookSecretRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                    "created_at": "2026-01-01T12:00:00Z",
+                    "previous_secret_expires_at": "2026-01-02T12:00:00Z",
+                }
+            ]
+        }
+    )
+
+    secret: str = Field(description="The current signing secret (`whsec_` + base64 key), per Standard Webhooks.")
+    created_at: datetime
+    previous_secret_expires_at: datetime | None = Field(
+        None, description="Until then, deliveries also carry a signature made with the previous secret."
+    )
+
+
+class WebhookSecretRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"grace_period_seconds": 86400}]})
+
+    grace_period_seconds: int | None = Field(
+        None,
+        ge=0,
+        le=7 * 86400,
+        description="How long the previous secret keeps signing (default DARKROOM_WEBHOOK_SECRET_GRACE_HOURS).",
+    )
+
+
+class WebhookAttemptRead(BaseModel):
+    attempted_at: datetime
+    status_code: int | None = Field(description="HTTP status the receiver answered; null on timeout or no connection.")
+    latency_ms: int | None
+    error: str | None
+
+
+class WebhookDeliveryRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "msg_8d3f0c6a1b2e4f5a9c7d6e5f4a3b2c1d",
+                    "job_id": "3f1c2a9be0d94c51a7f0d6b1c2e3f4a5",
+                    "event": "succeeded",
+                    "url": "https://example.com/hooks/darkroom",
+                    "status": "delivered",
+                    "attempts": 2,
+                    "created_at": "2026-01-01T12:00:03Z",
+                    "next_attempt_at": None,
+                    "delivered_at": "2026-01-01T12:00:09Z",
+                    "last_status_code": 204,
+                    "last_latency_ms": 41,
+                    "last_error": None,
+                    "attempt_log": [
+                        {
+                            "attempted_at": "2026-01-01T12:00:03Z",
+                            "status_code": 503,
+                            "latency_ms": 12,
+                            "error": "HTTP 503: busy",
+                        },
+                        {"attempted_at": "2026-01-01T12:00:09Z", "status_code": 204, "latency_ms": 41, "error": None},
+                    ],
+                }
+            ]
+        }
+    )
+
+    id: str = Field(description="Also the `webhook-id` header, the same on every attempt.")
+    job_id: str
+    event: WebhookEvent
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    last_status_code: int | None
+    last_latency_ms: int | None
+    last_error: str | None
+    attempt_log: list[WebhookAttemptRead]
+
+
+class WebhookDeliveryList(BaseModel):
+    data: list[WebhookDeliveryRead]

@@ -24,18 +24,22 @@ def _api(args: argparse.Namespace) -> None:
 def _worker(args: argparse.Namespace) -> None:
     from shared.broker import queue_for_model
     from shared.registry import get_registry
+    from shared.webhooks import QUEUE as WEBHOOKS_QUEUE
 
-    queues = args.queues or ",".join(queue_for_model(name) for name in get_registry().names)
+    queues = args.queues or ",".join([*(queue_for_model(name) for name in get_registry().names), WEBHOOKS_QUEUE])
     from worker.app import app
 
+    # A webhooks-only worker waits on the network, not a GPU: threads, several at once.
+    webhooks_only = set(queues.split(",")) == {WEBHOOKS_QUEUE}
+    concurrency = args.concurrency or (8 if webhooks_only else 1)
     argv = [
         "worker",
         "-Q",
         queues,
         "--concurrency",
-        str(args.concurrency),
+        str(concurrency),
         "--pool",
-        "prefork",
+        "threads" if webhooks_only else "prefork",
         "--loglevel",
         args.log_level.upper(),
         "--without-gossip",
@@ -110,8 +114,14 @@ def parser() -> argparse.ArgumentParser:
     api.set_defaults(func=_api)
 
     worker = sub.add_parser("worker", help="run a GPU worker")
-    worker.add_argument("--queues", help="comma-separated queues (default: every model in the registry)")
-    worker.add_argument("--concurrency", type=int, default=1, help="jobs at once; one per GPU")
+    worker.add_argument(
+        "--queues",
+        help="comma-separated queues (default: every model in the registry, plus `webhooks`); "
+        "`--queues webhooks` runs a GPU-free webhook sender on threads",
+    )
+    worker.add_argument(
+        "--concurrency", type=int, default=None, help="jobs at once; one per GPU (default 1, or 8 for webhooks only)"
+    )
     worker.add_argument("--hostname", help="Celery node name")
     worker.add_argument("--log-level", default="info")
     worker.set_defaults(func=_worker)

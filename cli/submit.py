@@ -7,11 +7,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client import Client, DarkroomAPIError
+from client import Client, DarkroomAPIError, Event, Job
 
 
 def _api_key(given: str | None) -> str:
@@ -26,6 +25,7 @@ def _api_key(given: str | None) -> str:
 
 
 def submit(args: argparse.Namespace) -> None:
+    """Submit (with an idempotency key, so the client's retries never make a second job), optionally wait."""
     url = args.url or os.environ.get("DARKROOM_API_URL", "http://127.0.0.1:8000")
     fields = {
         k: getattr(args, k)
@@ -59,22 +59,30 @@ def submit(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def _wait(client: Client, job: dict[str, Any]) -> dict[str, Any]:
+def _wait(client: Client, job: Job) -> Job:
+    """Wait on the job's live events (SSE, or polls if unavailable), drawing a progress bar from them."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
     )
+    short = job["id"][:8]
     with Progress(*columns, console=None, transient=True) as bar:
-        task = bar.add_task(f"{job['id'][:8]} queued", total=job["request"]["steps"])
+        task = bar.add_task(f"{short} queued", total=job["request"]["steps"])
 
-        def update(current: dict[str, Any]) -> None:
-            progress = current.get("progress") or {}
-            bar.update(
-                task,
-                description=f"{current['id'][:8]} {current['status']}",
-                completed=progress.get("step", 0),
-            )
+        def show(event: Event) -> None:
+            if event.type == "queued":
+                position = event.data.get("queue_position")
+                where = f" ({position} ahead)" if position else ""
+                bar.update(task, description=f"{short} queued{where}", completed=0)
+            elif event.type == "started":
+                bar.update(task, description=f"{short} running", completed=0)
+            elif event.type == "progress":
+                bar.update(
+                    task, description=f"{short} running", completed=event.data["step"], total=event.data["total"]
+                )
+            else:
+                bar.update(task, description=f"{short} {event.type}")
 
-        return client.wait(job["id"], on_update=update, interval=0.25)
+        return client.wait(job["id"], on_event=show)

@@ -1,26 +1,38 @@
-"""Blocking client: submit, get, wait (polling), cancel, list, download."""
+"""Blocking client: submit, get, wait (SSE, with polling fallback), cancel, list, download."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import httpx
 
-TERMINAL = ("succeeded", "failed", "canceled")
+from client.protocol import (
+    TERMINAL,
+    DarkroomAPIError,
+    Event,
+    SSEParser,
+    job_body,
+    new_idempotency_key,
+    progress_events,
+    raise_for_error,
+    retry_delay,
+)
+from client.types import Job, JobList
 
-
-class DarkroomAPIError(Exception):
-    def __init__(self, status_code: int, code: str, message: str):
-        super().__init__(f"{status_code} {code}: {message}")
-        self.status_code = status_code
-        self.code = code
-        self.message = message
+__all__ = ["TERMINAL", "Client", "DarkroomAPIError"]
 
 
 class Client:
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0):
+    """`Client(url, api_key)`; every method returns the API's JSON as typed dicts.
+
+    Requests answered 429 or 503 are retried up to `max_retries` times, honouring Retry-After. Submits
+    carry an Idempotency-Key (a new UUID unless given), so retrying one never creates a second job.
+    """
+
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0, max_retries: int = 3):
+        self.max_retries = max_retries
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
         )
@@ -34,50 +46,135 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        response = self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
+    def _request(self, method: str, path: str, *, safe: bool = True, **kwargs: Any) -> Any:
+        """One call with bounded retries. `safe`: a lost connection may be retried (reads, keyed POSTs)."""
+        attempt = 0
+        while True:
             try:
-                error = response.json()["error"]
-                raise DarkroomAPIError(response.status_code, error["code"], error["message"])
-            except (ValueError, KeyError, TypeError):
-                raise DarkroomAPIError(response.status_code, "http_error", response.text[:500]) from None
-        result: dict[str, Any] = response.json()
-        return result
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if not safe or attempt >= self.max_retries:
+                    raise
+                time.sleep(min(0.5 * 2**attempt, 5))
+                attempt += 1
+                continue
+            delay = retry_delay(response, attempt) if attempt < self.max_retries else None
+            if delay is None:
+                raise_for_error(response)
+                return response.json()
+            time.sleep(delay)
+            attempt += 1
 
-    def submit(self, prompt: str, **fields: Any) -> dict[str, Any]:
-        body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
-        return self._request("POST", "/v1/jobs", json=body)
+    def submit(
+        self,
+        prompt: str,
+        *,
+        idempotency_key: str | None = None,
+        wait: int | None = None,
+        **fields: Any,
+    ) -> Job:
+        """Submit a job. `wait`: ask the server to hold the answer up to that many seconds (Prefer: wait)."""
+        headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
+        timeout = None
+        if wait:
+            headers["Prefer"] = f"wait={wait}"
+            timeout = httpx.Timeout(self._http.timeout.read or 30.0, read=wait + 30.0)
+        body = job_body(prompt, fields)
+        return cast(Job, self._request("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout))
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/jobs/{job_id}")
+    def get(self, job_id: str, *, wait: int | None = None) -> Job:
+        """One job; `wait` long-polls up to that many seconds (<= 60) for it to end."""
+        if wait:
+            return cast(
+                Job,
+                self._request("GET", f"/v1/jobs/{job_id}", params={"wait": wait}, timeout=wait + 30.0),
+            )
+        return cast(Job, self._request("GET", f"/v1/jobs/{job_id}"))
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._request("POST", f"/v1/jobs/{job_id}/cancel")
+    def cancel(self, job_id: str) -> Job:
+        return cast(Job, self._request("POST", f"/v1/jobs/{job_id}/cancel"))
 
-    def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+    def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> JobList:
         params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
-        return self._request("GET", "/v1/jobs", params=params)
+        return cast(JobList, self._request("GET", "/v1/jobs", params=params))
+
+    def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
+        """Yield the job's live events (Event) until the terminal one; resumes itself after a dropped line."""
+        parser = SSEParser(last_id=last_event_id)
+        drops = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if parser.last_id:
+                headers["Last-Event-ID"] = parser.last_id
+            try:
+                with self._http.stream(
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=60.0)
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise_for_error(response)
+                    for line in response.iter_lines():
+                        event = parser.line(line)
+                        if event is None:
+                            continue
+                        yield event
+                        if event.type in TERMINAL:
+                            return
+            except httpx.TransportError:
+                drops += 1
+                if drops > self.max_retries:
+                    raise
+                time.sleep(0.5)
+                continue
+            # The server closed the stream without a terminal event: reconnect and resume.
+            drops += 1
+            if drops > self.max_retries:
+                raise httpx.RemoteProtocolError("event stream ended before the job did")
 
     def wait(
         self,
         job_id: str,
         *,
         timeout: float = 600.0,
-        interval: float = 0.5,
-        on_update: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
-        """Poll until the job ends; `on_update` sees every state read (for progress bars)."""
+        on_event: Callable[[Event], None] | None = None,
+        use_sse: bool = True,
+    ) -> Job:
+        """Block until the job ends and return it. `on_event` sees queued/started/progress/terminal events.
+
+        Uses the SSE stream; if that is unavailable it falls back to long polls of GET ?wait=.
+        """
         deadline = time.monotonic() + timeout
+        if use_sse:
+            try:
+                for event in self.events(job_id):
+                    if on_event is not None:
+                        on_event(event)
+                    if event.type in TERMINAL:
+                        return cast(Job, event.data)
+                    if time.monotonic() > deadline:
+                        break
+            except (httpx.HTTPError, DarkroomAPIError) as exc:
+                if isinstance(exc, DarkroomAPIError) and exc.status_code in (401, 404):
+                    raise
+        return self._poll(job_id, deadline, timeout, on_event)
+
+    def _poll(self, job_id: str, deadline: float, timeout: float, on_event: Callable[[Event], None] | None) -> Job:
+        last: tuple[str, int | None] | None = None
         while True:
-            job = self.get(job_id)
-            if on_update is not None:
-                on_update(job)
+            started = time.monotonic()
+            # wait=1: answers at once when the job ends, else after a second with fresh progress.
+            job = self.get(job_id, wait=1)
+            for event in progress_events(dict(job), last):
+                if on_event is not None:
+                    on_event(event)
+            progress = job["progress"]
+            last = (job["status"], progress["step"] if progress else None)
             if job["status"] in TERMINAL:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
-            time.sleep(interval)
+            # A server without long polls answers at once; do not spin.
+            time.sleep(max(0.0, 0.25 - (time.monotonic() - started)))
 
     def download(self, url: str) -> bytes:
         # Output URLs carry their own credentials (signature); do not send the API key elsewhere.

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from shared import events
 from shared.errors import Conflict, IllegalTransition, NotFound
 from shared.tables import Job, utcnow
 
@@ -53,6 +54,9 @@ def transition(
         .execution_options(synchronize_session=False)
     )
     won = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    if won:
+        # Webhook outbox rows join this transaction; stream events and task sends wait for its commit.
+        events.job_transitioned(session, job_id, to)
     return won
 
 
@@ -64,6 +68,8 @@ def create_job(
     queue: str,
     request: dict[str, Any],
     metadata: dict[str, Any] | None,
+    webhook_url: str | None = None,
+    webhook_events: list[str] | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
@@ -73,11 +79,14 @@ def create_job(
         queue=queue,
         request=request,
         client_metadata=metadata,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
         created_at=now,
         updated_at=now,
     )
     session.add(job)
     session.flush()
+    events.job_created(session, job)
     return job
 
 
@@ -133,7 +142,10 @@ def record_progress(session: Session, job_id: str, *, attempt: int, step: int, t
         .values(progress_step=step, progress_total=total)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    ours = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    if ours:
+        events.job_progressed(session, job_id, step, total)
+    return ours
 
 
 def succeed_job(session: Session, job_id: str, *, attempt: int, outputs: list[dict[str, Any]]) -> bool:

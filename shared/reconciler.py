@@ -1,4 +1,5 @@
-"""Self-healing: republish jobs whose message Redis lost, and take jobs back from workers that died.
+"""Self-healing: republish jobs whose message Redis lost, take jobs back from workers that died, re-send
+webhook deliveries whose message was lost, and forget expired idempotency keys.
 
 It runs as a thread inside every worker process, under a Redis lock, so one instance acts at a time and
 `darkroom api` plus `darkroom worker` need nothing else to recover.
@@ -13,7 +14,7 @@ from datetime import timedelta
 
 import redis
 
-from shared import broker
+from shared import broker, idempotency, webhooks
 from shared.db import session_scope
 from shared.jobs import expire_leases, queued_before
 from shared.settings import get_settings
@@ -41,7 +42,20 @@ def reconcile_once() -> dict[str, int]:
     for job_id, queue in lost:
         log.warning("message for queued job %s was lost; republishing to %s", job_id, queue)
         broker.publish_job(job_id, queue)
-    return {"requeued": len(requeued), "republished": len(lost)}
+
+    with session_scope() as session:
+        deliveries = webhooks.due_for_backstop(session)
+        expired_keys = idempotency.delete_expired(session)
+    for delivery_id in deliveries:
+        webhooks.publish_delivery(delivery_id)
+    if deliveries:
+        log.warning("re-sent %d webhook deliveries whose message was lost or is overdue", len(deliveries))
+    return {
+        "requeued": len(requeued),
+        "republished": len(lost),
+        "webhooks_resent": len(deliveries),
+        "idempotency_keys_expired": expired_keys,
+    }
 
 
 def run_forever(stop: threading.Event) -> None:

@@ -65,6 +65,26 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Seconds between reconciler passes (republish lost messages, expire leases)."
     )
     progress_interval: float = Field(0.5, ge=0, description="Least seconds between two progress writes of one job.")
+    idempotency_ttl_hours: float = Field(
+        24, ge=24, description="Hours an `Idempotency-Key` is remembered (at least 24, per the IETF draft)."
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook URLs on private, loopback or link-local addresses (tests, internal receivers).",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds one webhook HTTP attempt may take.")
+    webhook_max_attempts: int = Field(
+        11, ge=1, description="Attempts per webhook delivery (first try plus retries) before it is marked failed."
+    )
+    webhook_backoff_scale: float = Field(
+        1.0, gt=0, description="Multiplies the webhook retry schedule (tests compress the clock with e.g. 0.001)."
+    )
+    webhook_secret_grace_hours: float = Field(
+        24, ge=0, description="After a secret rotation, hours the previous secret keeps signing (both are sent)."
+    )
+    event_stream_ttl: int = Field(
+        24 * 3600, ge=60, description="Seconds a job's live event stream (SSE replay) is kept in Redis."
+    )
 
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:

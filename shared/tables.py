@@ -1,4 +1,7 @@
-"""ORM tables: tenants, their API keys, and jobs. Status changes go through shared.jobs, never here."""
+"""ORM tables: tenants, their API keys, jobs, idempotency keys and the webhook outbox.
+
+Status changes go through shared.jobs, never here.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -89,3 +92,92 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Where and for which events to POST signed notifications (shared.webhooks); None: no webhooks.
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+
+
+class IdempotencyKey(Base):
+    """One `Idempotency-Key` a tenant used, and what it produced. The unique (tenant, key) pair is what
+    makes concurrent retries across API processes create one job: only one INSERT can win."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("tenant_id", "key", name="uq_idempotency_keys_tenant_key"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of method, path and canonical JSON body: a reused key with another request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # "in_flight" while the first request runs, then "completed" with what it returned.
+    state: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secrets: the current one (expires_at None) and rotated ones still in grace."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one notification to send, written in the transaction of the change it reports."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+
+    # Also the `webhook-id` header, identical on every retry so receivers can deduplicate.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    # The exact body bytes (as text) that are signed and sent, the same on every attempt.
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Set while one sender holds the delivery, so a duplicate task message does not send it twice at once.
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_latency_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery, for `GET /v1/jobs/{id}/webhooks`."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    latency_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class DisabledWebhookEndpoint(Base):
+    """A URL that answered 410 Gone: nothing more is sent there for that tenant."""
+
+    __tablename__ = "disabled_webhook_endpoints"
+    __table_args__ = (UniqueConstraint("tenant_id", "url", name="uq_disabled_webhook_endpoints_tenant_url"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2000))
+    reason: Mapped[str] = mapped_column(Text)
+    disabled_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

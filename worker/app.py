@@ -7,10 +7,11 @@ import logging
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from shared import broker, db, reconciler
-from worker import tasks
+from worker import tasks, webhooks
 
 app = broker.get_celery()
 tasks.register(app)
+webhooks.register(app)
 _stop_reconciler = None
 
 

@@ -1,79 +1,127 @@
-"""/v1/jobs: submit, read, list and cancel generation jobs."""
+"""/v1/jobs: submit (idempotently, optionally waiting), read (optionally long-polling), list and cancel jobs."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from api import live
 from api.deps import SessionDep, TenantDep
 from api.errors import responses
+from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
-from shared import broker, jobs
+from shared import broker, idempotency, jobs
 from shared.db import session_scope
 from shared.errors import InvalidRequest
+from shared.job_view import job_view
 from shared.registry import get_registry
 from shared.settings import get_settings
-from shared.storage import get_storage
 from shared.tables import Job
+from shared.webhooks import validate_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("darkroom.api")
 
 
-def to_read(job: Job) -> JobRead:
-    storage = get_storage()
-    outputs = [
-        {"url": storage.url(o["key"]), **{k: o[k] for k in ("width", "height", "seed", "content_type")}}
-        for o in job.outputs or []
-    ]
-    progress = None
-    if job.status == jobs.RUNNING and job.progress_total:
-        progress = {"step": job.progress_step or 0, "total": job.progress_total}
-    error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
-    return JobRead.model_validate(
-        {
-            "id": job.id,
-            "status": job.status,
-            "model": job.model,
-            "request": job.request,
-            "created_at": job.created_at,
-            "started_at": job.started_at,
-            "finished_at": job.finished_at,
-            "progress": progress,
-            "outputs": outputs,
-            "error": error,
-            "metadata": job.client_metadata,
-        }
-    )
+def to_read(job: Job, session: Session | None = None) -> JobRead:
+    """The job as the API shows it; with a session, a queued job also gets queue_position and eta_seconds."""
+    return JobRead.model_validate(job_view(session, job))
 
 
-@router.post("", status_code=202, response_model=JobRead, responses=responses(401, 413, 422, 503))
-def create_job(body: JobCreate, tenant_id: TenantDep) -> JobRead:
-    """Submit a job; it is queued at once and runs on the next free worker for its model."""
+def _read(job_id: str, tenant_id: str) -> JobRead:
+    with session_scope() as session:
+        return to_read(jobs.get_job(session, job_id, tenant_id), session)
+
+
+def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[str, bool]:
+    """Create and publish the job, or find the one this idempotency key made. Returns (job id, replayed)."""
+    # 1. Validate everything first: an invalid request does not use up its idempotency key.
     settings = get_settings()
     spec, request = body.normalise(get_registry(), settings.default_model)
-    with session_scope() as session:
-        job = jobs.create_job(
-            session,
-            tenant_id=tenant_id,
-            model=spec.name,
-            queue=broker.queue_for_model(spec.name),
-            request=request,
-            metadata=body.metadata,
-        )
-    # Published only after the commit. If Redis is down the job is still durable: the reconciler
+    if body.webhook_url is not None:
+        validate_webhook_url(body.webhook_url, allow_private=settings.webhook_allow_private)
+    # 2. Claim the key, or replay what its first request created.
+    if key is not None:
+        fingerprint = idempotency.fingerprint("POST", "/v1/jobs", body.model_dump(mode="json", exclude_unset=True))
+        replay = idempotency.claim(tenant_id, key, fingerprint)
+        if replay is not None and replay.job_id is not None:
+            return replay.job_id, True
+    # 3. The job and the completed key commit together: a key never points at a job that does not exist.
+    try:
+        with session_scope() as session:
+            job = jobs.create_job(
+                session,
+                tenant_id=tenant_id,
+                model=spec.name,
+                queue=broker.queue_for_model(spec.name),
+                request=request,
+                metadata=body.metadata,
+                webhook_url=body.webhook_url,
+                webhook_events=list(body.webhook_events) if body.webhook_events else None,
+            )
+            if key is not None:
+                idempotency.complete(session, tenant_id, key, status=202, body=None, job_id=job.id)
+    except BaseException:
+        if key is not None:
+            with contextlib.suppress(Exception):
+                idempotency.release(tenant_id, key)
+        raise
+    # 4. Published only after the commit. If Redis is down the job is still durable: the reconciler
     # publishes it once Redis is back, so the client keeps its 202.
     try:
         broker.publish_job(job.id, job.queue)
     except Exception as exc:
         log.warning("publishing job %s failed (%s); the reconciler will retry", job.id, type(exc).__name__)
-    return to_read(job)
+    return job.id, False
+
+
+PREFER_DESCRIPTION = (
+    "RFC 7240 `wait=N` (N <= 60): hold the response up to N seconds; if the job ends by then the answer is 200 "
+    "with the finished job, otherwise 202 as usual. `Preference-Applied: wait=N` confirms the wait."
+)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobRead,
+    responses={
+        200: {
+            "model": JobRead,
+            "description": "An idempotent replay (`Idempotent-Replayed: true`: the job the key first created, as it "
+            "is now), or a job that finished within `Prefer: wait`.",
+        },
+        **responses(401, 409, 413, 422, 503),
+    },
+)
+async def create_job(
+    body: JobCreate,
+    tenant_id: TenantDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+    prefer: Annotated[str | None, Header(alias="Prefer", description=PREFER_DESCRIPTION, examples=["wait=30"])] = None,
+) -> JobRead:
+    """Submit a job; it is queued at once and runs on the next free worker for its model."""
+    job_id, replayed = await run_in_threadpool(_submit, body, tenant_id, idempotency_key)
+    wait = live.prefer_wait(prefer)
+    if wait is not None:
+        await live.wait_for_terminal(job_id, wait)
+        response.headers["Preference-Applied"] = f"wait={wait}"
+    job = await run_in_threadpool(_read, job_id, tenant_id)
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    if replayed or (wait is not None and job.status in jobs.TERMINAL):
+        response.status_code = 200
+    return job
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
@@ -101,13 +149,24 @@ def list_jobs(
     page = jobs.list_jobs(session, tenant_id, status=status, limit=limit + 1, after=after)
     more = len(page) > limit
     page = page[:limit]
-    return JobList(data=[to_read(j) for j in page], next_cursor=_encode_cursor(page[-1]) if more else None)
+    return JobList(data=[to_read(j, session) for j in page], next_cursor=_encode_cursor(page[-1]) if more else None)
 
 
-@router.get("/{job_id}", response_model=JobRead, responses=responses(401, 404))
-def get_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobRead:
+@router.get("/{job_id}", response_model=JobRead, responses=responses(401, 404, 422))
+async def get_job(
+    job_id: str,
+    tenant_id: TenantDep,
+    wait: Annotated[
+        int,
+        Query(ge=0, le=live.MAX_WAIT, description="Long poll: answer once the job ends, or after this many seconds."),
+    ] = 0,
+) -> JobRead:
     """One job with its status, progress and, once succeeded, its output URLs."""
-    return to_read(jobs.get_job(session, job_id, tenant_id))
+    job = await run_in_threadpool(_read, job_id, tenant_id)
+    if wait and job.status not in jobs.TERMINAL:
+        await live.wait_for_terminal(job_id, wait)
+        job = await run_in_threadpool(_read, job_id, tenant_id)
+    return job
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead, responses=responses(401, 404, 409))

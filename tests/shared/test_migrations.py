@@ -15,7 +15,8 @@ from shared.db import Base
 from shared.migrate import alembic_config, downgrade, upgrade
 from tests.support import create_pg_database, drop_pg_database
 
-TABLES = {"tenants", "api_keys", "jobs"}
+# Every table the models declare must come and go with the migrations.
+TABLES = set(Base.metadata.tables)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -50,7 +51,7 @@ def test_upgrade_downgrade_upgrade(fresh_database_url: str) -> None:
     upgrade(fresh_database_url)
     tables, indexes = schema(fresh_database_url)
     assert tables >= TABLES
-    assert set(Base.metadata.tables) == TABLES
+    assert {"tenants", "api_keys", "jobs"} <= TABLES
     assert {"ix_jobs_tenant_created", "ix_jobs_status_updated"} <= indexes["jobs"]
 
     downgrade(fresh_database_url)

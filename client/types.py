@@ -1,0 +1,61 @@
+"""The shapes the API returns, as TypedDicts: plain dicts at run time, checked by type checkers."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+WebhookEventName = Literal["started", "progress", "succeeded", "failed", "canceled"]
+
+
+class Progress(TypedDict):
+    step: int
+    total: int
+
+
+class Output(TypedDict):
+    url: str
+    width: int
+    height: int
+    seed: int
+    content_type: str
+
+
+class JobErrorInfo(TypedDict):
+    code: str
+    message: str
+
+
+class JobWebhook(TypedDict):
+    url: str
+    events: list[WebhookEventName]
+
+
+class Job(TypedDict):
+    id: str
+    status: JobStatus
+    model: str
+    request: dict[str, Any]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    progress: Progress | None
+    queue_position: int | None
+    eta_seconds: int | None
+    outputs: list[Output]
+    error: JobErrorInfo | None
+    metadata: dict[str, Any] | None
+    webhook: JobWebhook | None
+
+
+class JobList(TypedDict):
+    data: list[Job]
+    next_cursor: str | None
+
+
+class WebhookPayload(TypedDict):
+    """The body of a webhook delivery: `type` is `job.<event>`, `data` the job as GET returns it."""
+
+    type: str
+    timestamp: str
+    data: Job

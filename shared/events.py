@@ -1,0 +1,114 @@
+"""Job events: what happened to a job, told to the outside world once the change has committed.
+
+shared.jobs calls `job_created`, `job_transitioned` and `job_progressed` inside the transaction of the
+change. Webhook notifications are written there, into the outbox table, so one exists if and only if the
+change committed. Everything that lives in Redis (a per-job event stream that SSE and long polls read,
+the webhook send task, the run-time average behind ETAs) runs only after the commit, and is best-effort:
+the database stays the source of truth, the reconciler re-sends outbox rows Redis lost, and readers fall
+back to polling the database when a stream is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from shared import broker, webhooks
+from shared.job_view import record_run_seconds
+from shared.settings import get_settings
+from shared.tables import Job
+
+log = logging.getLogger("darkroom.events")
+
+# Stream event names by the status a job moved to ("running" is announced as "started").
+EVENT_FOR_STATUS = {
+    "queued": "queued",
+    "running": "started",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "canceled": "canceled",
+}
+TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+# A stream holds a job's whole story; progress is rate-limited upstream, so this bound is generous.
+STREAM_MAXLEN = 2000
+
+_AFTER_COMMIT = "darkroom_after_commit"
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` once this session's transaction commits; forget it on rollback."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for action in session.info.pop(_AFTER_COMMIT, []):
+        try:
+            action()
+        except Exception as exc:  # Redis trouble: the outbox backstop and DB polling cover for it
+            log.warning("post-commit action failed: %s: %s", type(exc).__name__, exc)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
+
+
+def stream_key(job_id: str) -> str:
+    return f"{get_settings().redis_prefix}events:{job_id}"
+
+
+def append(job_id: str, kind: str, data: dict[str, Any]) -> None:
+    """Add one event to the job's Redis stream (its entry id is the SSE event id)."""
+    key = stream_key(job_id)
+    pipe = broker.get_redis().pipeline(transaction=False)
+    pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, get_settings().event_stream_ttl)
+    pipe.execute()
+
+
+def _notify(session: Session, job: Job, kind: str) -> None:
+    """Write the outbox row for a webhook the job subscribed to, and send it after commit."""
+    if not job.webhook_url or kind not in (job.webhook_events or webhooks.DEFAULT_EVENTS):
+        return
+    delivery_id = webhooks.add_delivery(session, job, kind)
+    if delivery_id is not None:
+        after_commit(session, lambda: webhooks.publish_delivery(delivery_id))
+
+
+def job_created(session: Session, job: Job) -> None:
+    job_id = job.id
+    after_commit(session, lambda: append(job_id, "queued", {"status": "queued"}))
+
+
+def job_transitioned(session: Session, job_id: str, status: str) -> None:
+    """Called by shared.jobs.transition after it won a move, in the same transaction."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        return
+    kind = EVENT_FOR_STATUS[status]
+    _notify(session, job, kind)
+    data: dict[str, Any] = {"status": status}
+    if status == "running":
+        data["attempt"] = job.attempts
+    if job.error_code:
+        data["error"] = {"code": job.error_code, "message": job.error_message or ""}
+    after_commit(session, lambda: append(job_id, kind, data))
+    if status == "succeeded" and job.started_at is not None and job.finished_at is not None:
+        seconds, model = (job.finished_at - job.started_at).total_seconds(), job.model
+        after_commit(session, lambda: record_run_seconds(model, seconds))
+
+
+def job_progressed(session: Session, job_id: str, step: int, total: int) -> None:
+    """Called by shared.jobs.record_progress after a progress write, in the same transaction."""
+    url, events = session.execute(select(Job.webhook_url, Job.webhook_events).where(Job.id == job_id)).one()
+    if url and "progress" in (events or ()):
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is not None:
+            _notify(session, job, "progress")
+    after_commit(session, lambda: append(job_id, "progress", {"step": step, "total": total}))

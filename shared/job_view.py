@@ -1,0 +1,108 @@
+"""A job as clients see it (GET /v1/jobs/{id}, webhook payloads, SSE terminal events), with its place in
+the queue and an estimate of when it will be done.
+
+It lives in shared/ because the worker also renders it: a webhook's `data` is written into the outbox in
+the same transaction as the status change, and must be exactly what GET returns.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from shared import broker
+from shared.settings import get_settings
+from shared.storage import get_storage
+from shared.tables import Job
+
+# An exponentially weighted average of run seconds per model; a new measure counts for this share.
+ETA_WEIGHT = 0.3
+
+
+def queue_position(session: Session, job: Job) -> int:
+    """Queued jobs in the same queue that a worker takes before this one (priority desc, created_at, id)."""
+    ahead = or_(
+        Job.priority > job.priority,
+        and_(Job.priority == job.priority, Job.created_at < job.created_at),
+        and_(Job.priority == job.priority, Job.created_at == job.created_at, Job.id < job.id),
+    )
+    count = session.scalar(
+        select(func.count()).select_from(Job).where(Job.queue == job.queue, Job.status == "queued", ahead)
+    )
+    return int(count or 0)
+
+
+def _eta_key(model: str) -> str:
+    return f"{get_settings().redis_prefix}eta:{model}"
+
+
+def record_run_seconds(model: str, seconds: float) -> None:
+    """Fold one measured run time into the model's average. Lost updates under races are harmless."""
+    client = broker.get_redis()
+    key = _eta_key(model)
+    previous = client.get(key)
+    value = seconds if previous is None else ETA_WEIGHT * seconds + (1 - ETA_WEIGHT) * float(previous)
+    client.set(key, f"{value:.3f}", ex=7 * 24 * 3600)
+
+
+def average_run_seconds(model: str) -> float | None:
+    try:
+        value = broker.get_redis().get(_eta_key(model))
+    except Exception:  # an estimate is optional; Redis trouble must not break reads
+        return None
+    return float(value) if value is not None else None
+
+
+def eta_seconds(session: Session, job: Job, position: int) -> int | None:
+    """Seconds until the job should be done: the jobs ahead spread over the workers now running this
+    model, plus its own run. None until a worker has measured the model."""
+    average = average_run_seconds(job.model)
+    if average is None:
+        return None
+    running = session.scalar(
+        select(func.count()).select_from(Job).where(Job.queue == job.queue, Job.status == "running")
+    )
+    parallel = max(1, int(running or 0))
+    return round(average * (position / parallel + 1))
+
+
+def job_view(session: Session | None, job: Job) -> dict[str, Any]:
+    """The JSON-ready dict of `JobRead`. With a session, a queued job also gets its position and ETA."""
+    storage = get_storage()
+    outputs = [
+        {"url": storage.url(o["key"]), **{k: o[k] for k in ("width", "height", "seed", "content_type")}}
+        for o in job.outputs or []
+    ]
+    progress = None
+    if job.status == "running" and job.progress_total:
+        progress = {"step": job.progress_step or 0, "total": job.progress_total}
+    error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
+    position = eta = None
+    if job.status == "queued" and session is not None:
+        position = queue_position(session, job)
+        eta = eta_seconds(session, job, position)
+    webhook = {"url": job.webhook_url, "events": job.webhook_events or []} if job.webhook_url else None
+    return {
+        "id": job.id,
+        "status": job.status,
+        "model": job.model,
+        "request": job.request,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "progress": progress,
+        "queue_position": position,
+        "eta_seconds": eta,
+        "outputs": outputs,
+        "error": error,
+        "metadata": job.client_metadata,
+        "webhook": webhook,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    # The same text pydantic writes for JobRead, so a webhook's `data` equals the GET body.
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value is not None else None
