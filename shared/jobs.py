@@ -64,6 +64,8 @@ def create_job(
     queue: str,
     request: dict[str, Any],
     metadata: dict[str, Any] | None,
+    priority: int = 1,
+    batch_key: str | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
@@ -71,6 +73,8 @@ def create_job(
         status=QUEUED,
         model=model,
         queue=queue,
+        priority=priority,
+        batch_key=batch_key,
         request=request,
         client_metadata=metadata,
         created_at=now,
@@ -89,10 +93,10 @@ def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job:
     return job
 
 
-def claim_job(session: Session, job_id: str, *, worker_id: str, lease_seconds: int) -> Job | None:
-    """queued -> running for this worker. Returns the job with its new attempt number, or None if taken."""
+def try_claim(session: Session, job_id: str, *, worker_id: str, lease_seconds: int) -> bool:
+    """queued -> running for this worker, counting an attempt; False if someone else got there first."""
     now = utcnow()
-    won = transition(
+    return transition(
         session,
         job_id,
         from_=[QUEUED],
@@ -106,6 +110,14 @@ def claim_job(session: Session, job_id: str, *, worker_id: str, lease_seconds: i
             "progress_total": None,
         },
     )
+
+
+def claim_job(session: Session, job_id: str, *, worker_id: str, lease_seconds: int) -> Job | None:
+    """queued -> running for this worker. Returns the job with its new attempt number, or None if taken.
+
+    Workers pick which job to claim through `shared.scheduling.claim_jobs`; this claims one named job.
+    """
+    won = try_claim(session, job_id, worker_id=worker_id, lease_seconds=lease_seconds)
     return get_job(session, job_id) if won else None
 
 

@@ -18,6 +18,7 @@ from shared import broker, jobs
 from shared.db import session_scope
 from shared.errors import InvalidRequest
 from shared.registry import get_registry
+from shared.scheduling import batch_key
 from shared.settings import get_settings
 from shared.storage import get_storage
 from shared.tables import Job
@@ -66,6 +67,7 @@ def create_job(body: JobCreate, tenant_id: TenantDep) -> JobRead:
             queue=broker.queue_for_model(spec.name),
             request=request,
             metadata=body.metadata,
+            batch_key=batch_key(request),
         )
     # Published only after the commit. If Redis is down the job is still durable: the reconciler
     # publishes it once Redis is back, so the client keeps its 202.
