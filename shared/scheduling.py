@@ -67,6 +67,7 @@ class Candidate:
     tenant_id: str
     priority: int
     created_at: datetime
+    images: int = 1
 
 
 def fair_order(
@@ -103,16 +104,16 @@ def _candidates(session: Session, queue: str, key: str | None, per_tenant: int) 
         .over(partition_by=(Job.priority, Job.tenant_id), order_by=(Job.created_at, Job.id))
         .label("rank")
     )
-    inner = select(Job.id, Job.tenant_id, Job.priority, Job.created_at, rank).where(
-        Job.queue == queue, Job.status == QUEUED
-    )
+    inner = select(Job.id, rank).where(Job.queue == queue, Job.status == QUEUED)
     if key is not None:
         inner = inner.where(Job.batch_key == key)
     sub = inner.subquery()
     rows = session.execute(
-        select(sub.c.id, sub.c.tenant_id, sub.c.priority, sub.c.created_at).where(sub.c.rank <= per_tenant)
+        select(Job.id, Job.tenant_id, Job.priority, Job.created_at, Job.request)
+        .join(sub, sub.c.id == Job.id)
+        .where(sub.c.rank <= per_tenant)
     ).all()
-    return [Candidate(r[0], r[1], r[2], r[3]) for r in rows]
+    return [Candidate(r[0], r[1], r[2], r[3], int(r[4].get("num_images", 1))) for r in rows]
 
 
 def _load(session: Session, queue: str, tenants: set[str]) -> tuple[dict[str, int], dict[str, datetime]]:
@@ -157,39 +158,48 @@ def claim_jobs(
     (a job whose `num_images` does not fit is skipped, not waited for). Returns the claimed jobs in order.
     """
     claimed: list[str] = []
+    passed: set[str] = set()  # held or taken by another claimer
     images = 0
     for _ in range(3):  # a lost race (another worker took a candidate) leaves room for another try
         room = max_jobs - len(claimed)
         if room <= 0:
             break
-        candidates = [c for c in _candidates(session, queue, key, per_tenant=room) if c.id not in claimed]
+        # Look a little past what fits, and past every row another claimer holds, so that concurrent
+        # workers each find a job of their own instead of all reaching for the same oldest one.
+        candidates = [
+            c
+            for c in _candidates(session, queue, key, per_tenant=room + len(passed) + 2)
+            if c.id not in claimed and c.id not in passed
+        ]
         if not candidates:
             break
         running, served = _load(session, queue, {c.tenant_id for c in candidates})
-        ordered = fair_order(candidates, running, served)[: room * 4]
-        locked: dict[str, dict[str, Any]] = dict(
-            session.execute(
-                select(Job.id, Job.request)
-                .where(Job.id.in_([c.id for c in ordered]), Job.status == QUEUED)
-                .with_for_update(skip_locked=True)
-            ).all()
-        )
-        lost = False
-        for cand in ordered:
-            if len(claimed) >= max_jobs:
+        wanted: list[Candidate] = []
+        budget = images
+        for cand in fair_order(candidates, running, served):
+            if len(wanted) == room:
                 break
-            if cand.id not in locked:
-                lost = True
-                continue
-            count = int(locked[cand.id].get("num_images", 1))
-            if max_images is not None and images + count > max_images:
-                continue
-            if try_claim(session, cand.id, worker_id=worker_id, lease_seconds=lease_seconds):
+            if max_images is None or budget + cand.images <= max_images:
+                wanted.append(cand)
+                budget += cand.images
+        if not wanted:
+            break
+        # Lock exactly the rows this claim takes: a row locked and then left queued would make a
+        # concurrent claimer skip it, and spend its token on nothing.
+        locked = set(
+            session.scalars(
+                select(Job.id)
+                .where(Job.id.in_([c.id for c in wanted]), Job.status == QUEUED)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        for cand in wanted:
+            if cand.id in locked and try_claim(session, cand.id, worker_id=worker_id, lease_seconds=lease_seconds):
                 claimed.append(cand.id)
-                images += count
+                images += cand.images
             else:
-                lost = True
-        if not lost:
+                passed.add(cand.id)
+        if len(locked) == len(wanted):
             break
     if not claimed:
         return []

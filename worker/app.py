@@ -7,7 +7,9 @@ import logging
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from shared import broker, db, reconciler
+from shared.settings import get_settings
 from worker import tasks
+from worker.acceleration import configure_compile_cache
 
 app = broker.get_celery()
 tasks.register(app)
@@ -19,6 +21,8 @@ def _fresh_connections(**_: object) -> None:
     # A forked pool child must not share the parent's database or Redis sockets.
     db.reset_connections()
     broker.get_redis.cache_clear()
+    # Before anything imports torch's inductor, so compiled shapes come from (and go to) the lasting cache.
+    configure_compile_cache(get_settings())
 
 
 @worker_ready.connect
