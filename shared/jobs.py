@@ -148,6 +148,21 @@ def record_progress(session: Session, job_id: str, *, attempt: int, step: int, t
     return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
 
 
+def record_progress_many(session: Session, attempts: dict[str, int], *, step: int, total: int) -> set[str]:
+    """`record_progress` for a whole batch in one statement; returns the ids still this worker's to run."""
+    if not attempts:
+        return set()
+    owned = or_(*(and_(Job.id == job_id, *_owned(job_id, attempt)) for job_id, attempt in attempts.items()))
+    stmt = (
+        update(Job)
+        .where(Job.status == RUNNING, owned)
+        .values(progress_step=step, progress_total=total)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(session.scalars(stmt).all())
+
+
 def succeed_job(session: Session, job_id: str, *, attempt: int, outputs: list[dict[str, Any]]) -> bool:
     # Outputs are written in the same UPDATE as the status, so no reader ever sees a partial list.
     return transition(

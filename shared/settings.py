@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     model_memory_mb: int = Field(
         0, ge=0, description="Memory budget of a worker's loaded pipelines; least recently used evicted. 0: no limit."
     )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads torch may use in a worker process; 0: torch's default (one per core). On a"
+        " CPU worker sharing its cores with the API and the database, fewer threads wait less on each other.",
+    )
     compile: bool = Field(False, description="torch.compile the UNet (mode reduce-overhead) on CUDA workers.")
     compile_shapes: str = Field(
         "",

@@ -22,7 +22,12 @@ def _fresh_connections(**_: object) -> None:
     db.reset_connections()
     broker.get_redis.cache_clear()
     # Before anything imports torch's inductor, so compiled shapes come from (and go to) the lasting cache.
-    configure_compile_cache(get_settings())
+    settings = get_settings()
+    configure_compile_cache(settings)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
 
 
 @worker_ready.connect

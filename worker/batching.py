@@ -20,7 +20,7 @@ from PIL import Image
 
 from shared import broker
 from shared.db import session_scope
-from shared.jobs import record_progress
+from shared.jobs import record_progress_many
 from shared.settings import Settings
 from worker.acceleration import bucket_for, parse_shapes
 from worker.generate import StopGeneration, generate_batch
@@ -105,10 +105,11 @@ class StepHook:
         if live and (step == total or now - self.last_write >= self.interval):
             self.last_write = now
             with session_scope() as session:
-                for member in live:
-                    if not record_progress(session, member.job_id, attempt=member.attempt, step=step, total=total):
-                        log.info("job %s is no longer running on this worker", member.job_id)
-                        self.dropped.add(member.job_id)
+                ours = record_progress_many(session, {m.job_id: m.attempt for m in live}, step=step, total=total)
+            for member in live:
+                if member.job_id not in ours:
+                    log.info("job %s is no longer running on this worker", member.job_id)
+                    self.dropped.add(member.job_id)
         if not self.live():
             raise StopGeneration("every job of this call was canceled or taken over")
 

@@ -127,35 +127,41 @@ def run_members(model: str, members: list[Member], settings: Settings) -> str:
         by_id = {m.job_id: m for m in members}
         for job_id, message in result.failed.items():
             fail([by_id[job_id]], "generation_failed", message)
-        for job_id, images in result.images.items():
-            outcomes[job_id] = record_success(by_id[job_id], images)
+        outcomes.update(record_successes([(by_id[job_id], images) for job_id, images in result.images.items()]))
     for member in members:
         outcomes.setdefault(member.job_id, "stopped")
     return summary(outcomes)
 
 
-def record_success(member: Member, images: list[Any]) -> str:
+def record_successes(done: list[tuple[Member, list[Any]]]) -> dict[str, str]:
+    """Upload each job's images, then mark them all succeeded in one transaction."""
     storage = get_storage()
-    outputs: list[dict[str, Any]] = []
-    for index, image in enumerate(images):
-        key = output_key(member.job_id, index)
-        storage.put(key, encode_png(image), "image/png")
-        outputs.append(
-            {
-                "key": key,
-                "width": image.width,
-                "height": image.height,
-                "seed": int(member.request["seed"]) + index,
-                "content_type": "image/png",
-            }
-        )
+    outputs: dict[str, list[dict[str, Any]]] = {}
+    for member, images in done:
+        outputs[member.job_id] = []
+        for index, image in enumerate(images):
+            key = output_key(member.job_id, index)
+            storage.put(key, encode_png(image), "image/png")
+            outputs[member.job_id].append(
+                {
+                    "key": key,
+                    "width": image.width,
+                    "height": image.height,
+                    "seed": int(member.request["seed"]) + index,
+                    "content_type": "image/png",
+                }
+            )
+    outcomes = {}
     with session_scope() as session:
-        won = succeed_job(session, member.job_id, attempt=member.attempt, outputs=outputs)
-    if not won:
-        log.info("job %s finished but was canceled or taken over meanwhile; outputs discarded", member.job_id)
-        return "discarded"
-    log.info("job %s succeeded with %d images", member.job_id, len(outputs))
-    return "succeeded"
+        for member, _ in done:
+            won = succeed_job(session, member.job_id, attempt=member.attempt, outputs=outputs[member.job_id])
+            outcomes[member.job_id] = "succeeded" if won else "discarded"
+    for job_id, outcome in outcomes.items():
+        if outcome == "discarded":
+            log.info("job %s finished but was canceled or taken over meanwhile; outputs discarded", job_id)
+        else:
+            log.info("job %s succeeded with %d images", job_id, len(outputs[job_id]))
+    return outcomes
 
 
 def summary(outcomes: dict[str, str]) -> str:
