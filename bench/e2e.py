@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -112,7 +112,9 @@ class Bench:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{self.database}"'))
         admin.dispose()
-        subprocess.run([sys.executable, "-m", "cli", "migrate"], env=self.env, cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "cli", "migrate"], env=self.env, cwd=ROOT, check=True, capture_output=True
+        )
         key = subprocess.run(
             [sys.executable, "-m", "cli", "keys", "create", "--tenant", "bench"],
             env=self.env,
