@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: install run test test-fast lint format bench services clean
+.PHONY: install run test test-fast lint format bench bench-gpu services clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ format: install
 bench: install services
 	$(PY) -m bench.api
 	$(PY) -m bench.e2e
+
+# On a GPU host (no registry, no Redis service needed): REDIS_SERVER=/path/to/redis-server make bench-gpu
+REDIS_SERVER ?= $(shell command -v redis-server)
+bench-gpu:
+	$(PY) -m bench.gpu --redis-server "$(REDIS_SERVER)"
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

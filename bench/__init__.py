@@ -1,1 +1,1 @@
-"""Benchmarks: they print figures; they do not pass or fail."""
+"""Benchmarks: they print figures (a rich table, then one JSON line), they do not pass or fail."""

@@ -97,5 +97,12 @@ def cancel_requested(job_id: str) -> bool:
     return bool(get_redis().exists(_key("cancel", job_id)))
 
 
+def cancels_requested(job_ids: list[str]) -> list[bool]:
+    """`cancel_requested` for a whole batch in one round trip."""
+    if not job_ids:
+        return []
+    return [v is not None for v in get_redis().mget([_key("cancel", j) for j in job_ids])]
+
+
 def lock(name: str, timeout: float) -> redis.lock.Lock:
     return get_redis().lock(f"{get_settings().redis_prefix}lock:{name}", timeout=timeout, blocking=False)

@@ -70,6 +70,8 @@ def create_job(
     metadata: dict[str, Any] | None,
     webhook_url: str | None = None,
     webhook_events: list[str] | None = None,
+    priority: int = 1,
+    batch_key: str | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
@@ -77,6 +79,8 @@ def create_job(
         status=QUEUED,
         model=model,
         queue=queue,
+        priority=priority,
+        batch_key=batch_key,
         request=request,
         client_metadata=metadata,
         webhook_url=webhook_url,
@@ -98,10 +102,10 @@ def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job:
     return job
 
 
-def claim_job(session: Session, job_id: str, *, worker_id: str, lease_seconds: int) -> Job | None:
-    """queued -> running for this worker. Returns the job with its new attempt number, or None if taken."""
+def try_claim(session: Session, job_id: str, *, worker_id: str, lease_seconds: int) -> bool:
+    """queued -> running for this worker, counting an attempt; False if someone else got there first."""
     now = utcnow()
-    won = transition(
+    return transition(
         session,
         job_id,
         from_=[QUEUED],
@@ -115,6 +119,14 @@ def claim_job(session: Session, job_id: str, *, worker_id: str, lease_seconds: i
             "progress_total": None,
         },
     )
+
+
+def claim_job(session: Session, job_id: str, *, worker_id: str, lease_seconds: int) -> Job | None:
+    """queued -> running for this worker. Returns the job with its new attempt number, or None if taken.
+
+    Workers pick which job to claim through `shared.scheduling.claim_jobs`; this claims one named job.
+    """
+    won = try_claim(session, job_id, worker_id=worker_id, lease_seconds=lease_seconds)
     return get_job(session, job_id) if won else None
 
 
@@ -144,6 +156,24 @@ def record_progress(session: Session, job_id: str, *, attempt: int, step: int, t
     )
     ours = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
     if ours:
+        events.job_progressed(session, job_id, step, total)
+    return ours
+
+
+def record_progress_many(session: Session, attempts: dict[str, int], *, step: int, total: int) -> set[str]:
+    """`record_progress` for a whole batch in one statement; returns the ids still this worker's to run."""
+    if not attempts:
+        return set()
+    owned = or_(*(and_(Job.id == job_id, *_owned(job_id, attempt)) for job_id, attempt in attempts.items()))
+    stmt = (
+        update(Job)
+        .where(Job.status == RUNNING, owned)
+        .values(progress_step=step, progress_total=total)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    ours = set(session.scalars(stmt).all())
+    for job_id in ours:
         events.job_progressed(session, job_id, step, total)
     return ours
 

@@ -85,6 +85,35 @@ class Settings(BaseSettings):
     event_stream_ttl: int = Field(
         24 * 3600, ge=60, description="Seconds a job's live event stream (SSE replay) is kept in Redis."
     )
+    max_batch_images: int = Field(
+        8, ge=1, description="Most images one pipeline call makes: compatible queued jobs share a call up to this."
+    )
+    batch_window_ms: float = Field(
+        10.0,
+        ge=0,
+        description="How long a worker waits for compatible jobs to join a batch that is not yet full.",
+    )
+    model_memory_mb: int = Field(
+        0, ge=0, description="Memory budget of a worker's loaded pipelines; least recently used evicted. 0: no limit."
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads torch may use in a worker process; 0: torch's default (one per core). On a"
+        " CPU worker sharing its cores with the API and the database, fewer threads wait less on each other.",
+    )
+    compile: bool = Field(False, description="torch.compile the UNet (mode reduce-overhead) on CUDA workers.")
+    compile_shapes: str = Field(
+        "",
+        description="With compile: WIDTHxHEIGHTxBATCH buckets warmed at load, e.g. `512x512x1,512x512x8`;"
+        " batches are padded up to the nearest bucket.",
+    )
+    inductor_cache_dir: Path | None = Field(
+        None, description="torch.compile's cache, kept across restarts. Default: `<data_dir>/inductor-cache`."
+    )
+    vae_tiling_pixels: int = Field(
+        1024 * 1024, ge=0, description="Above this many pixels per image the VAE decodes in tiles, one image at a time."
+    )
 
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:
@@ -95,6 +124,8 @@ class Settings(BaseSettings):
             self.storage_url = (self.data_dir / "storage").as_uri()
         if self.model_cache_dir is None:
             self.model_cache_dir = self.data_dir / "models"
+        if self.inductor_cache_dir is None:
+            self.inductor_cache_dir = self.data_dir / "inductor-cache"
         if self.env == "production" and self.secret_key == PLACEHOLDER_SECRET:
             raise ValueError("DARKROOM_SECRET_KEY must be set when DARKROOM_ENV=production")
         if self.job_hard_time_limit <= self.job_soft_time_limit:

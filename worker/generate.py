@@ -1,17 +1,22 @@
-"""Running one job's request through a loaded pipeline, with a per-step hook for progress and cancel."""
+"""Pipeline calls: one or several compatible requests as one call, with a per-step hook for progress and cancel.
+
+Nothing here touches the database or Redis; the benchmark's "direct" figure runs exactly this code.
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
+from worker.acceleration import configure_vae
+
 
 class StopGeneration(Exception):
-    """Raised from the step hook to abandon a job mid-denoising (canceled, or taken over by another worker).
+    """Raised from the step hook to abandon a call mid-denoising (every job in it canceled or taken over).
 
     Raising is the one way to stop diffusers without also decoding an image (`_interrupt` still decodes).
     """
@@ -23,28 +28,92 @@ def generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
 
 
-def generate(pipe: Any, request: dict[str, Any], on_step: Callable[[int, int], None]) -> list[Image.Image]:
-    total = int(request["steps"])
-    count = int(request["num_images"])
+def uses_cfg(pipe: Any, guidance_scale: float) -> bool:
+    unet = getattr(pipe, "unet", None)
+    return guidance_scale > 1 and (unet is None or getattr(unet.config, "time_cond_proj_dim", None) is None)
+
+
+def text_inputs(pipe: Any, prompts: list[str], negatives: list[str], cfg: bool) -> dict[str, Any]:
+    """What the call gets for its text: embeddings of each distinct prompt, encoded once, for SD 1/2 pipelines.
+
+    Eight images of one prompt, or the empty negative prompt of every image, cost one text-encoder row
+    instead of eight. Other pipelines (SDXL zeroes empty negatives, for one) get the prompt lists as given.
+    """
+    # The exact class: a subclass may encode differently (and SDXL encodes an empty negative as zeros).
+    if type(pipe).__name__ != "StableDiffusionPipeline":
+        return {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+    unique = list(dict.fromkeys([*prompts, *(negatives if cfg else [])]))
+    embeds, _ = pipe.encode_prompt(unique, pipe._execution_device, 1, False)
+    row = {text: i for i, text in enumerate(unique)}
+    inputs = {"prompt_embeds": embeds[[row[p] for p in prompts]]}
+    if cfg:
+        inputs["negative_prompt_embeds"] = embeds[[row[n] for n in negatives]]
+    return inputs
+
+
+def generate_batch(
+    pipe: Any,
+    requests: Sequence[dict[str, Any]],
+    on_step: Callable[[int, int], None],
+    *,
+    pad_to: int = 0,
+    tiling_pixels: int = 0,
+) -> list[list[Image.Image]]:
+    """Run compatible requests (equal batch keys) as one call; returns each request's images, in order.
+
+    Image i of a request is seeded `seed + i` whatever else shares the call. With `pad_to`, filler rows
+    make the call exactly that many images (a compiled shape); their images are thrown away.
+    """
+    # 1. One row per image: its prompt, negative prompt, generator and owning request.
+    first = requests[0]
+    prompts: list[str] = []
+    negatives: list[str] = []
+    gens: list[torch.Generator] = []
+    owners: list[int | None] = []
+    for index, request in enumerate(requests):
+        count = int(request["num_images"])
+        prompts += [request["prompt"]] * count
+        # An absent negative prompt is the empty one: diffusers encodes None as "" too.
+        negatives += [request.get("negative_prompt") or ""] * count
+        gens += generators(int(request["seed"]), count)
+        owners += [index] * count
+    filler = pad_to - len(prompts)
+    if filler > 0:
+        prompts, negatives, owners = prompts + [""] * filler, negatives + [""] * filler, owners + [None] * filler
+        gens += generators(0, filler)
+
+    # 2. The call.
+    total, guidance = int(first["steps"]), float(first["guidance_scale"])
+    width, height = int(first["width"]), int(first["height"])
 
     def step_end(_pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         on_step(step + 1, total)
         return callback_kwargs
 
-    negative = request.get("negative_prompt")
+    configure_vae(pipe, width, height, tiling_pixels)
     with torch.inference_mode():
         result = pipe(
-            prompt=[request["prompt"]] * count,
-            negative_prompt=[negative] * count if negative else None,
-            width=int(request["width"]),
-            height=int(request["height"]),
+            **text_inputs(pipe, prompts, negatives, uses_cfg(pipe, guidance)),
+            width=width,
+            height=height,
             num_inference_steps=total,
-            guidance_scale=float(request["guidance_scale"]),
-            generator=generators(int(request["seed"]), count),
+            guidance_scale=guidance,
+            generator=gens,
             output_type="pil",
             callback_on_step_end=step_end,
         )
-    return list(result.images)
+
+    # 3. Each request gets exactly its own images back.
+    images: list[list[Image.Image]] = [[] for _ in requests]
+    for owner, image in zip(owners, result.images, strict=True):
+        if owner is not None:
+            images[owner].append(image)
+    return images
+
+
+def generate(pipe: Any, request: dict[str, Any], on_step: Callable[[int, int], None]) -> list[Image.Image]:
+    """One request alone."""
+    return generate_batch(pipe, [request], on_step)[0]
 
 
 def encode_png(image: Image.Image) -> bytes:

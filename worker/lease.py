@@ -1,6 +1,6 @@
-"""Heartbeat for the job a worker is running: renews its lease until the job ends.
+"""Heartbeat for the jobs a worker is running: one thread renews every lease of the batch until it ends.
 
-If the worker process dies, renewals stop, the lease expires, and the reconciler gives the job to another
+If the worker process dies, renewals stop, the leases expire, and the reconciler gives the jobs to another
 worker: recovery takes about `DARKROOM_LEASE_SECONDS`, not the broker's visibility timeout.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 
 from shared.db import session_scope
 from shared.jobs import renew_lease
@@ -16,12 +17,14 @@ log = logging.getLogger("darkroom.worker")
 
 
 class Heartbeat:
-    def __init__(self, job_id: str, attempt: int, lease_seconds: int):
-        self.job_id = job_id
-        self.attempt = attempt
+    """Renews the leases of `attempts` (job id -> attempt); jobs that are no longer ours land in `lost`."""
+
+    def __init__(self, attempts: Mapping[str, int], lease_seconds: int):
+        self.attempts = dict(attempts)
         self.lease_seconds = lease_seconds
+        self.lost: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -33,9 +36,13 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
+            live = {job_id: a for job_id, a in self.attempts.items() if job_id not in self.lost}
+            if not live:
+                return  # every job is canceled, finished or taken over
             try:
                 with session_scope() as session:
-                    if not renew_lease(session, self.job_id, attempt=self.attempt, lease_seconds=self.lease_seconds):
-                        return  # no longer ours: canceled, finished or taken over
+                    for job_id, attempt in live.items():
+                        if not renew_lease(session, job_id, attempt=attempt, lease_seconds=self.lease_seconds):
+                            self.lost.add(job_id)
             except Exception:  # a database blip must not kill the heartbeat; the next beat retries
-                log.warning("lease renewal for job %s failed", self.job_id, exc_info=True)
+                log.warning("lease renewal for %d jobs failed", len(live), exc_info=True)

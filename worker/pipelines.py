@@ -1,13 +1,16 @@
 """Loading diffusers pipelines by model name, once per process.
 
 `load()` is separate from running: the cache holds loaded pipelines keyed by model name, on an explicit
-device and dtype (cuda with fp16/bf16 when present, else CPU float32).
+device and dtype (cuda with fp16/bf16 when present, else CPU float32). Several models stay warm within
+`DARKROOM_MODEL_MEMORY_MB`; the least recently used is evicted to make room for another.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -55,34 +58,85 @@ def resolve_source(spec: ModelSpec, settings: Settings) -> str:
     return str(directory)
 
 
+class ModelTooLarge(Exception):
+    """The model alone needs more memory than the worker's whole model budget."""
+
+
 def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Any:
+    """The pipeline in `dtype`, still on the CPU: the cache sizes it before it takes device memory."""
     from diffusers import AutoPipelineForText2Image
 
     source = resolve_source(spec, get_settings())
     local = Path(source).is_dir()
-    log.info("loading model %s from %s on %s (%s)", spec.name, source, device, dtype)
+    log.info("loading model %s from %s for %s (%s)", spec.name, source, device, dtype)
     pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, local_files_only=local)
-    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-class PipelineCache:
-    """Loaded pipelines of this process, by model name."""
+def pipeline_bytes(pipe: Any) -> int:
+    """Memory of a pipeline's weights: every parameter and buffer of its torch modules."""
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in (*component.parameters(), *component.buffers()):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
-    def __init__(self, device: torch.device):
+
+class PipelineCache:
+    """Loaded pipelines of this process by model name, least recently used first out past the budget."""
+
+    def __init__(self, device: torch.device, budget_bytes: int = 0):
         self.device = device
-        self._pipes: dict[str, Any] = {}
+        self.budget_bytes = budget_bytes
+        self._pipes: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._too_large: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get(self, spec: ModelSpec) -> Any:
         with self._lock:
-            pipe = self._pipes.get(spec.name)
-            if pipe is None:
-                pipe = load_pipeline(spec, self.device, resolve_dtype(spec, self.device))
-                self._pipes[spec.name] = pipe
+            if spec.name in self._pipes:
+                self._pipes.move_to_end(spec.name)
+                return self._pipes[spec.name][0]
+            if spec.name in self._too_large:
+                raise self._refusal(spec.name, self._too_large[spec.name])
+            pipe = load_pipeline(spec, self.device, resolve_dtype(spec, self.device))
+            size = pipeline_bytes(pipe)
+            if self.budget_bytes and size > self.budget_bytes:
+                self._too_large[spec.name] = size
+                del pipe
+                gc.collect()
+                raise self._refusal(spec.name, size)
+            self._evict_for(size)
+            from worker.acceleration import prepare
+
+            pipe = prepare(pipe.to(self.device), self.device, get_settings())
+            self._pipes[spec.name] = (pipe, size)
             return pipe
+
+    def _refusal(self, name: str, size: int) -> ModelTooLarge:
+        return ModelTooLarge(
+            f"model {name!r} needs {size / 2**20:.0f} MiB, more than this worker's whole model memory budget"
+            f" of {self.budget_bytes / 2**20:.0f} MiB (DARKROOM_MODEL_MEMORY_MB)"
+        )
+
+    def _evict_for(self, size: int) -> None:
+        while self.budget_bytes and self._pipes and self.used_bytes + size > self.budget_bytes:
+            name, (pipe, _) = self._pipes.popitem(last=False)
+            log.info("evicting model %s to make room (%d MiB)", name, size // 2**20)
+            del pipe
+        # Drop the evicted weights now, not whenever the collector runs, so the device memory is free
+        # before the next model moves in.
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(size for _, size in self._pipes.values())
 
     @property
     def loaded(self) -> list[str]:
+        """Model names, least recently used first."""
         return list(self._pipes)

@@ -1,7 +1,8 @@
-"""The `jobs.run` task: claim a job, generate its images, upload them, and record the result.
+"""The `jobs.run` task: claim the best queued job and compatible company, run them, record the results.
 
-Tasks take ids, re-read the job, and do nothing if the job is no longer queued, so a duplicate or
-republished message is harmless.
+A message is a wake-up token for its queue (see `shared.scheduling`): the task claims whatever job is best
+to run now, which need not be the one the message names, so a duplicate or republished message is
+harmless: it finds nothing queued, or runs the next job in line.
 """
 
 from __future__ import annotations
@@ -9,22 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
 
-from shared import broker
 from shared.broker import TASK_RUN_JOB
 from shared.db import session_scope
-from shared.jobs import claim_job, fail_job, record_progress, succeed_job
+from shared.jobs import fail_job, succeed_job
 from shared.registry import get_registry
-from shared.settings import get_settings
+from shared.scheduling import claim_jobs, queue_of
+from shared.settings import Settings, get_settings
 from shared.storage import get_storage, output_key
-from worker.generate import StopGeneration, encode_png, generate
+from shared.tables import Job
+from worker.batching import Member, StepHook, gather, run_batch
+from worker.generate import StopGeneration, encode_png
 from worker.lease import Heartbeat
-from worker.pipelines import PipelineCache, resolve_device
+from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
+
+__all__ = ["StepHook", "pipeline_cache", "register", "run_job"]
 
 log = logging.getLogger("darkroom.worker")
 
@@ -34,7 +39,8 @@ _cache: PipelineCache | None = None
 def pipeline_cache() -> PipelineCache:
     global _cache
     if _cache is None:
-        _cache = PipelineCache(resolve_device(get_settings().device))
+        settings = get_settings()
+        _cache = PipelineCache(resolve_device(settings.device), budget_bytes=settings.model_memory_mb * 2**20)
     return _cache
 
 
@@ -42,80 +48,133 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class StepHook:
-    """Called after every denoising step: stops on cancel, records progress at a bounded rate."""
-
-    def __init__(self, job_id: str, attempt: int, interval: float):
-        self.job_id = job_id
-        self.attempt = attempt
-        self.interval = interval
-        self.last_write = 0.0
-
-    def __call__(self, step: int, total: int) -> None:
-        if broker.cancel_requested(self.job_id):
-            raise StopGeneration("canceled")
-        now = time.monotonic()
-        if step == total or now - self.last_write >= self.interval:
-            self.last_write = now
-            with session_scope() as session:
-                still_ours = record_progress(session, self.job_id, attempt=self.attempt, step=step, total=total)
-            if not still_ours:
-                raise StopGeneration("job is no longer running on this worker")
-
-
 def run_job(job_id: str) -> str:
+    """Run the best queued job of `job_id`'s queue, with compatible jobs gathered into the same call."""
     settings = get_settings()
+    me = worker_id()
     with session_scope() as session:
-        job = claim_job(session, job_id, worker_id=worker_id(), lease_seconds=settings.lease_seconds)
-    if job is None:
-        return "skipped"  # already claimed, finished or canceled: this message is a duplicate
-    attempt, request = job.attempts, job.request
-    log.info("job %s started (attempt %d)", job_id, attempt)
+        queue = queue_of(session, job_id)
+        claimed = claim_jobs(session, queue, worker_id=me, lease_seconds=settings.lease_seconds) if queue else []
+    if not claimed:
+        return "skipped"  # nothing queued: this token's job ran with an earlier one, or was canceled
+    leader = claimed[0]
+    members = [member_of(leader)]
+    if leader.batch_key and members[0].images < settings.max_batch_images:
 
-    def fail(code: str, message: str) -> str:
+        def claim_more(room: int) -> int:
+            with session_scope() as session:
+                more = claim_jobs(
+                    session,
+                    leader.queue,
+                    worker_id=me,
+                    lease_seconds=settings.lease_seconds,
+                    max_jobs=room,
+                    max_images=room,
+                    key=leader.batch_key,
+                )
+            members.extend(member_of(job) for job in more)
+            return sum(int(job.request["num_images"]) for job in more)
+
+        gather(
+            claim_more,
+            images=members[0].images,
+            max_images=settings.max_batch_images,
+            window_s=settings.batch_window_ms / 1000,
+        )
+    if job_id != leader.id:
+        log.debug("token of job %s ran job %s", job_id, leader.id)
+    return run_members(leader.model, members, settings)
+
+
+def member_of(job: Job) -> Member:
+    return Member(job.id, job.attempts, job.request)
+
+
+def run_members(model: str, members: list[Member], settings: Settings) -> str:
+    """Generate, upload and record a claimed batch; returns its outcome (one word per distinct outcome)."""
+    outcomes: dict[str, str] = {}
+
+    def fail(targets: list[Member], code: str, message: str) -> None:
         with session_scope() as session:
-            fail_job(session, job_id, attempt=attempt, code=code, message=message)
-        log.warning("job %s failed: %s: %s", job_id, code, message)
-        return "failed"
+            for member in targets:
+                fail_job(session, member.job_id, attempt=member.attempt, code=code, message=message)
+                outcomes[member.job_id] = "failed"
+                log.warning("job %s failed: %s: %s", member.job_id, code, message)
 
-    with Heartbeat(job_id, attempt, settings.lease_seconds):
-        spec = get_registry().get(job.model)
+    log.info("running %d jobs (%d images) of %s", len(members), sum(m.images for m in members), model)
+    with Heartbeat({m.job_id: m.attempt for m in members}, settings.lease_seconds) as beat:
+        spec = get_registry().get(model)
         if spec is None:
-            return fail("unknown_model", f"model {job.model!r} is not in this worker's registry")
+            fail(members, "unknown_model", f"model {model!r} is not in this worker's registry")
+            return summary(outcomes)
+        hook = StepHook(members, settings.progress_interval, beat.lost)
         try:
-            pipe = pipeline_cache().get(spec)
-            images = generate(pipe, request, StepHook(job_id, attempt, settings.progress_interval))
+            result = run_batch(pipeline_cache().get(spec), members, hook, settings)
         except StopGeneration as stop:
-            log.info("job %s stopped: %s", job_id, stop)
+            log.info("jobs %s stopped: %s", ", ".join(m.job_id for m in members), stop)
             return "stopped"
+        except ModelTooLarge as exc:
+            fail(members, "model_too_large", str(exc))
+            return summary(outcomes)
         except SoftTimeLimitExceeded:
-            return fail("timeout", f"the job ran past its time limit of {settings.job_soft_time_limit} s")
+            fail(hook.live(), "timeout", f"the job ran past its time limit of {settings.job_soft_time_limit} s")
+            return summary(outcomes)
         except Exception as exc:
-            log.exception("job %s: generation failed", job_id)
-            return fail("generation_failed", f"{type(exc).__name__}: {exc}")
+            log.exception("generation failed")
+            fail(hook.live(), "generation_failed", f"{type(exc).__name__}: {exc}")
+            return summary(outcomes)
 
-        outputs: list[dict[str, Any]] = []
-        storage = get_storage()
+        by_id = {m.job_id: m for m in members}
+        for job_id, message in result.failed.items():
+            fail([by_id[job_id]], "generation_failed", message)
+        outcomes.update(record_successes([(by_id[job_id], images) for job_id, images in result.images.items()]))
+    for member in members:
+        outcomes.setdefault(member.job_id, "stopped")
+    return summary(outcomes)
+
+
+def record_successes(done: list[tuple[Member, list[Any]]]) -> dict[str, str]:
+    """Upload each job's images, then mark them all succeeded in one transaction."""
+    storage = get_storage()
+    outputs: dict[str, list[dict[str, Any]]] = {}
+    for member, images in done:
+        outputs[member.job_id] = []
         for index, image in enumerate(images):
-            key = output_key(job_id, index)
+            key = output_key(member.job_id, index)
             storage.put(key, encode_png(image), "image/png")
-            outputs.append(
+            outputs[member.job_id].append(
                 {
                     "key": key,
                     "width": image.width,
                     "height": image.height,
-                    "seed": int(request["seed"]) + index,
+                    "seed": int(member.request["seed"]) + index,
                     "content_type": "image/png",
                 }
             )
-        with session_scope() as session:
-            won = succeed_job(session, job_id, attempt=attempt, outputs=outputs)
-    if not won:
-        log.info("job %s finished but was canceled or taken over meanwhile; outputs discarded", job_id)
-        return "discarded"
-    log.info("job %s succeeded with %d images", job_id, len(outputs))
-    return "succeeded"
+    outcomes = {}
+    with session_scope() as session:
+        for member, _ in done:
+            won = succeed_job(session, member.job_id, attempt=member.attempt, outputs=outputs[member.job_id])
+            outcomes[member.job_id] = "succeeded" if won else "discarded"
+    for job_id, outcome in outcomes.items():
+        if outcome == "discarded":
+            log.info("job %s finished but was canceled or taken over meanwhile; outputs discarded", job_id)
+        else:
+            log.info("job %s succeeded with %d images", job_id, len(outputs[job_id]))
+    return outcomes
+
+
+def summary(outcomes: dict[str, str]) -> str:
+    return ",".join(sorted(set(outcomes.values())))
 
 
 def register(app: Celery) -> None:
-    app.task(name=TASK_RUN_JOB, ignore_result=True)(run_job)
+    # A database outage while claiming or recording must not eat the token: the retry publishes it again.
+    app.task(
+        name=TASK_RUN_JOB,
+        ignore_result=True,
+        autoretry_for=(OperationalError,),
+        retry_backoff=True,
+        retry_backoff_max=30,
+        max_retries=None,
+    )(run_job)

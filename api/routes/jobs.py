@@ -24,6 +24,7 @@ from shared.db import session_scope
 from shared.errors import InvalidRequest
 from shared.job_view import job_view
 from shared.registry import get_registry
+from shared.scheduling import batch_key
 from shared.settings import get_settings
 from shared.tables import Job
 from shared.webhooks import validate_webhook_url
@@ -67,6 +68,7 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[str, bool
                 metadata=body.metadata,
                 webhook_url=body.webhook_url,
                 webhook_events=list(body.webhook_events) if body.webhook_events else None,
+                batch_key=batch_key(request),
             )
             if key is not None:
                 idempotency.complete(session, tenant_id, key, status=202, body=None, job_id=job.id)

@@ -1,0 +1,295 @@
+"""The whole service against plain pipeline calls: N tiny-model jobs through API + worker + PostgreSQL +
+Redis + local storage, as real processes, versus the same N images made in this process.
+
+`direct_img_per_s` uses the worker's own batching policy (`DARKROOM_MAX_BATCH_IMAGES` images per call,
+through the same `worker.generate.generate_batch`), so `service_vs_direct` measures what the service adds
+(HTTP, queue, claims, PNG encoding, storage, database) and not what batching saves. One image per call is
+printed too, for scale. `idle_start_p50_ms` is created_at -> started_at of jobs submitted one at a time to
+an idle worker, read from the job records.
+
+    python -m bench.e2e [--jobs 64] [--size 64] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def darkroom(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout} s")
+
+
+class Bench:
+    """A throw-away darkroom: its own PostgreSQL database, Redis prefix and data directory."""
+
+    def __init__(self, workdir: Path, args: argparse.Namespace):
+        self.args = args
+        self.run_id = uuid.uuid4().hex[:8]
+        self.database = f"darkroom_bench_{self.run_id}"
+        self.prefix = f"darkroom-bench:{self.run_id}:"
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.database}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")},
+            "HF_HUB_OFFLINE": "1",
+            "DARKROOM_ENV_FILE": "",
+            "DARKROOM_DATA_DIR": str(workdir),
+            "DARKROOM_DATABASE_URL": self.db_url,
+            "DARKROOM_REDIS_URL": REDIS_URL,
+            "DARKROOM_REDIS_PREFIX": self.prefix,
+            "DARKROOM_STORAGE_URL": (workdir / "storage").as_uri(),
+            "DARKROOM_PUBLIC_URL": self.url,
+            "DARKROOM_SECRET_KEY": "bench-secret",
+            "DARKROOM_TORCH_THREADS": str(args.threads),
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.engine: Any = None
+
+    def __enter__(self) -> Bench:
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.database}"'))
+        admin.dispose()
+        subprocess.run(
+            [sys.executable, "-m", "cli", "migrate"], env=self.env, cwd=ROOT, check=True, capture_output=True
+        )
+        key = subprocess.run(
+            [sys.executable, "-m", "cli", "keys", "create", "--tenant", "bench"],
+            env=self.env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        self.headers = {"Authorization": f"Bearer {key.stdout.strip()}"}
+        self.engine = create_engine(self.db_url)
+        api_log, worker_log = self.workdir / "api.log", self.workdir / "worker.log"
+        self.procs.append(darkroom(["api", "--port", str(self.port), "--log-level", "warning"], self.env, api_log))
+        self.procs.append(darkroom(["worker", "--log-level", "info"], self.env, worker_log))
+        wait_until(lambda: self._healthy(), 60, "API up")
+        wait_until(lambda: "ready." in worker_log.read_text(errors="replace"), 120, "worker ready")
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        if self.engine is not None:
+            self.engine.dispose()
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+        admin.dispose()
+
+    def body(self, i: int) -> dict[str, Any]:
+        a = self.args
+        return {"prompt": f"bench image {i}", "width": a.size, "height": a.size, "steps": a.steps, "seed": i}
+
+    def submit(self, client: httpx.Client, i: int) -> str:
+        response = client.post(f"{self.url}/v1/jobs", json=self.body(i), headers=self.headers)
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    def finished(self, ids: list[str]) -> list[tuple[str, datetime, datetime | None, datetime | None]]:
+        """(status, created_at, started_at, finished_at) of the given jobs, once all are terminal; else []."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT status, created_at, started_at, finished_at FROM jobs WHERE id = ANY(:ids)"),
+                {"ids": ids},
+            ).all()
+        if len(rows) < len(ids) or any(r[0] in ("queued", "running") for r in rows):
+            return []
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    def burst(self, n: int) -> float:
+        """Images/s of n one-image jobs submitted at once: first submit to last finish."""
+        start = datetime.now(UTC)
+        with httpx.Client(timeout=30) as client, ThreadPoolExecutor(4) as pool:
+            ids = list(pool.map(lambda i: self.submit(client, i), range(n)))
+        self.submit_s = (datetime.now(UTC) - start).total_seconds()
+        rows = wait_until(lambda: self.finished(ids), 300, "burst finished", interval=0.01)
+        failed = [r for r in rows if r[0] != "succeeded"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} jobs did not succeed: {failed[:3]}")
+        end = max(r[3] for r in rows if r[3] is not None)
+        return n / (end - start).total_seconds()
+
+    def batch_sizes(self) -> list[int]:
+        """Jobs per pipeline call so far, from the worker's log."""
+        log = (self.workdir / "worker.log").read_text(errors="replace")
+        return [int(m) for m in re.findall(r"running (\d+) jobs", log)]
+
+    def idle_starts(self, n: int) -> list[float]:
+        """created_at -> started_at (ms) of n jobs, each submitted to an idle worker."""
+        waits = []
+        with httpx.Client(timeout=30) as client:
+            for i in range(n):
+                job_id = self.submit(client, 10_000 + i)
+                rows = wait_until(lambda job_id=job_id: self.finished([job_id]), 60, "idle job", interval=0.01)
+                _, created, started, _ = rows[0]
+                waits.append((started - created).total_seconds() * 1000)
+                time.sleep(0.2)  # the worker is idle again, back waiting on its queue
+        return waits
+
+
+def direct(args: argparse.Namespace, model_dir: Path, per_call: int) -> float:
+    """Images/s of the same N requests through `generate_batch` in this process, `per_call` images a call."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    from worker.generate import generate_batch
+
+    torch.set_num_threads(args.threads)
+    pipe = AutoPipelineForText2Image.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    requests = [
+        {
+            "prompt": f"bench image {i}",
+            "negative_prompt": None,
+            "width": args.size,
+            "height": args.size,
+            "steps": args.steps,
+            "guidance_scale": 7.0,
+            "seed": i,
+            "num_images": 1,
+        }
+        for i in range(args.jobs)
+    ]
+    generate_batch(pipe, requests[:per_call], lambda step, total: None)  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(requests), per_call):
+        generate_batch(pipe, requests[i : i + per_call], lambda step, total: None)
+    return len(requests) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=64)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--idle", type=int, default=20, help="jobs for the idle start latency")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts; the best is reported")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads, the same for the worker (DARKROOM_TORCH_THREADS) and the direct calls",
+    )
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from shared.settings import Settings
+    from worker.tiny import make_tiny
+
+    batch = Settings(_env_file=None).max_batch_images  # type: ignore[call-arg]
+    with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as tmp:
+        workdir = Path(tmp)
+        model_dir = make_tiny(workdir / "models" / "tiny-sd")
+        with Bench(workdir, args) as bench:
+            bench.burst(2)  # the worker loads its pipeline
+            service, before = 0.0, len(bench.batch_sizes())
+            for _ in range(args.rounds):
+                rate = bench.burst(args.jobs)
+                if rate > service:
+                    service, submit_s, sizes = rate, bench.submit_s, bench.batch_sizes()[before:]
+                before = len(bench.batch_sizes())
+            idle = bench.idle_starts(args.idle)
+        direct_batched = max(direct(args, model_dir, batch) for _ in range(args.rounds))
+        direct_single = direct(args, model_dir, 1)
+
+    figures = {
+        "service_img_per_s": round(service, 2),
+        "direct_img_per_s": round(direct_batched, 2),
+        "service_vs_direct": round(service / direct_batched, 3),
+        "idle_start_p50_ms": round(statistics.median(idle), 1),
+    }
+    title = f"darkroom end to end: {args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, tiny-sd"
+    table = Table(title=f"{title}, {args.threads} torch thread(s)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("service, images/s (API + worker, PostgreSQL, Redis, local storage)", f"{service:.2f}")
+    table.add_row(f"direct, images/s ({batch} images per call, as the worker batches)", f"{direct_batched:.2f}")
+    table.add_row("direct, images/s (one image per call)", f"{direct_single:.2f}")
+    table.add_row("service / direct (batched)", f"{service / direct_batched:.3f}")
+    table.add_row(f"best burst: {args.jobs} submits took (s)", f"{submit_s:.2f}")
+    table.add_row("best burst: pipeline calls (mean jobs per call)", f"{len(sizes)} ({statistics.mean(sizes):.1f})")
+    table.add_row(f"idle submit -> running, p50 of {args.idle} (ms)", f"{statistics.median(idle):.1f}")
+    table.add_row("idle submit -> running, max (ms)", f"{max(idle):.1f}")
+    Console().print(table)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Which queued job a worker runs next, and which others may share its pipeline call.
+
+Messages in a model's queue (`model.<name>`) are wake-up tokens, not assignments. The API still publishes
+exactly one per queued job, after its commit, but a worker that receives one claims the *best* queued job
+of that queue from the database, then up to `DARKROOM_MAX_BATCH_IMAGES` images' worth of queued jobs with
+the same batch key. The rule, in order:
+
+1. **Priority**: higher `priority` first (2 high, 1 normal, 0 low).
+2. **Fair share between tenants**, within one priority: the tenant with fewer jobs running in this queue
+   goes first; on a tie, the tenant served least recently (whose latest job in this queue started
+   longest ago, or not within `SERVED_MEMORY`); then the tenant whose oldest queued job is oldest.
+3. **Age**: a tenant's own jobs run oldest first (`created_at`, then id).
+
+Why "served least recently" and not only "fewer running": with one worker every tenant has zero jobs
+running whenever the worker picks, so a tie on running jobs broken by the oldest queued job would run one
+tenant's burst of 5,000 jobs to the end before another tenant's single job. Taking turns instead, that job
+waits at most about one batch's run time. Filling a batch counts as serving, so one batch mixes tenants.
+
+Why tokens and not assignments: a token never names a job that must still be waiting for it, so a worker
+may take a better job, or eight compatible ones, for one token. Tokens are fungible and the invariant is
+"tokens in the queue >= queued jobs": every move into `queued` publishes one (submit, lease expiry, hand
+back), and a token is consumed by claiming at least one job, or by finding none claimable. A claim that
+takes k > 1 jobs leaves k - 1 spare tokens, which later find nothing to do or a newer job. A token whose
+own job is still queued afterwards is not lost to that job: the token of the job claimed instead is still
+in the queue. The reconciler (republish queued jobs whose `published` marker is gone) is the backstop when
+Redis itself loses messages.
+
+Claims are atomic. On PostgreSQL the picked rows are locked with `SELECT ... FOR UPDATE SKIP LOCKED`, so
+two workers never wait on each other for the same rows; on every backend the move itself is the state
+machine's conditional UPDATE (`shared.jobs.transition`), so of two racing claimers exactly one wins and
+the loser moves on to the next candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.jobs import QUEUED, RUNNING, TERMINAL, try_claim
+from shared.tables import Job, utcnow
+
+# Everything that must be equal for two jobs to share one pipeline call. Prompts, negative prompts,
+# seeds and the number of images may differ: they are per image in a batched call.
+BATCH_FIELDS = ("model", "task", "width", "height", "steps", "guidance_scale", "scheduler", "loras")
+# How far back "served least recently" looks; a tenant not served within it counts as never served.
+SERVED_MEMORY = timedelta(minutes=10)
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def batch_key(request: dict[str, Any]) -> str:
+    """A digest of the request fields that must match for jobs to run as one pipeline call."""
+    material = {field: request.get(field) for field in BATCH_FIELDS}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    tenant_id: str
+    priority: int
+    created_at: datetime
+    images: int = 1
+
+
+def fair_order(
+    candidates: Iterable[Candidate], running: dict[str, int], served: dict[str, datetime]
+) -> list[Candidate]:
+    """Candidates in the order the module docstring describes; each pick counts as running and served."""
+    pools: dict[tuple[int, str], deque[Candidate]] = defaultdict(deque)
+    for cand in sorted(candidates, key=lambda c: (c.created_at, c.id)):
+        pools[(cand.priority, cand.tenant_id)].append(cand)
+    running, served = dict(running), dict(served)
+    now = utcnow()
+    ordered: list[Candidate] = []
+    while pools:
+        top = max(priority for priority, _ in pools)
+
+        def rank(key: tuple[int, str]) -> tuple[int, datetime, datetime, str]:
+            head = pools[key][0]
+            return (running.get(key[1], 0), served.get(key[1], _NEVER), head.created_at, head.id)
+
+        key = min((k for k in pools if k[0] == top), key=rank)
+        pick = pools[key].popleft()
+        if not pools[key]:
+            del pools[key]
+        ordered.append(pick)
+        running[pick.tenant_id] = running.get(pick.tenant_id, 0) + 1
+        served[pick.tenant_id] = now
+    return ordered
+
+
+def _candidates(session: Session, queue: str, key: str | None, per_tenant: int) -> list[Candidate]:
+    # The first `per_tenant` queued jobs of every (priority, tenant): enough to fill a batch from any one.
+    rank = (
+        func.row_number()
+        .over(partition_by=(Job.priority, Job.tenant_id), order_by=(Job.created_at, Job.id))
+        .label("rank")
+    )
+    inner = select(Job.id, rank).where(Job.queue == queue, Job.status == QUEUED)
+    if key is not None:
+        inner = inner.where(Job.batch_key == key)
+    sub = inner.subquery()
+    rows = session.execute(
+        select(Job.id, Job.tenant_id, Job.priority, Job.created_at, Job.request)
+        .join(sub, sub.c.id == Job.id)
+        .where(sub.c.rank <= per_tenant)
+    ).all()
+    return [Candidate(r[0], r[1], r[2], r[3], int(r[4].get("num_images", 1))) for r in rows]
+
+
+def _load(session: Session, queue: str, tenants: set[str]) -> tuple[dict[str, int], dict[str, datetime]]:
+    running: dict[str, int] = dict(
+        session.execute(
+            select(Job.tenant_id, func.count())
+            .where(Job.queue == queue, Job.status == RUNNING, Job.tenant_id.in_(sorted(tenants)))
+            .group_by(Job.tenant_id)
+        ).all()
+    )
+    since = utcnow() - SERVED_MEMORY
+    # updated_at >= started_at always, so the (status, updated_at) index bounds this to recent jobs.
+    served: dict[str, datetime | None] = dict(
+        session.execute(
+            select(Job.tenant_id, func.max(Job.started_at))
+            .where(
+                Job.status.in_(sorted({RUNNING, *TERMINAL})),
+                Job.updated_at >= since,
+                Job.started_at >= since,
+                Job.queue == queue,
+                Job.tenant_id.in_(sorted(tenants)),
+            )
+            .group_by(Job.tenant_id)
+        ).all()
+    )
+    return running, {t: (s if s.tzinfo else s.replace(tzinfo=UTC)) for t, s in served.items() if s is not None}
+
+
+def claim_jobs(
+    session: Session,
+    queue: str,
+    *,
+    worker_id: str,
+    lease_seconds: int,
+    max_jobs: int = 1,
+    max_images: int | None = None,
+    key: str | None = None,
+) -> list[Job]:
+    """Claim (queued -> running) up to `max_jobs` of the best queued jobs of `queue`, in the module's order.
+
+    With `key`, only jobs of that batch key; with `max_images`, only as many as fit in that many images
+    (a job whose `num_images` does not fit is skipped, not waited for). Returns the claimed jobs in order.
+    """
+    claimed: list[str] = []
+    passed: set[str] = set()  # held or taken by another claimer
+    images = 0
+    for _ in range(3):  # a lost race (another worker took a candidate) leaves room for another try
+        room = max_jobs - len(claimed)
+        if room <= 0:
+            break
+        # Look a little past what fits, and past every row another claimer holds, so that concurrent
+        # workers each find a job of their own instead of all reaching for the same oldest one.
+        candidates = [
+            c
+            for c in _candidates(session, queue, key, per_tenant=room + len(passed) + 2)
+            if c.id not in claimed and c.id not in passed
+        ]
+        if not candidates:
+            break
+        running, served = _load(session, queue, {c.tenant_id for c in candidates})
+        wanted: list[Candidate] = []
+        budget = images
+        for cand in fair_order(candidates, running, served):
+            if len(wanted) == room:
+                break
+            if max_images is None or budget + cand.images <= max_images:
+                wanted.append(cand)
+                budget += cand.images
+        if not wanted:
+            break
+        # Lock exactly the rows this claim takes: a row locked and then left queued would make a
+        # concurrent claimer skip it, and spend its token on nothing.
+        locked = set(
+            session.scalars(
+                select(Job.id)
+                .where(Job.id.in_([c.id for c in wanted]), Job.status == QUEUED)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        for cand in wanted:
+            if cand.id in locked and try_claim(session, cand.id, worker_id=worker_id, lease_seconds=lease_seconds):
+                claimed.append(cand.id)
+                images += cand.images
+            else:
+                passed.add(cand.id)
+        if len(locked) == len(wanted):
+            break
+    if not claimed:
+        return []
+    found = {
+        job.id: job
+        for job in session.scalars(select(Job).where(Job.id.in_(claimed)).execution_options(populate_existing=True))
+    }
+    return [found[job_id] for job_id in claimed]
+
+
+def queue_of(session: Session, job_id: str) -> str | None:
+    """The queue a job's token was published to (None for an unknown job)."""
+    return session.scalar(select(Job.queue).where(Job.id == job_id))

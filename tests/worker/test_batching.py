@@ -1,0 +1,222 @@
+"""Dynamic batching on the real tiny pipeline: each job gets its own images, as if it had run alone."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared import broker
+from shared.db import session_scope
+from shared.jobs import cancel_job, create_job, get_job
+from shared.registry import get_registry
+from shared.scheduling import batch_key
+from shared.storage import get_storage
+from shared.tenants import get_or_create_tenant
+from worker import batching, generate, tasks
+from worker.batching import gather
+from worker.generate import generators
+
+
+def submit(tenant: str = "acme", priority: int = 1, **overrides: Any) -> str:
+    request = {
+        "task": "txt2img",
+        "model": "tiny-sd",
+        "prompt": "a lighthouse",
+        "negative_prompt": None,
+        "width": 64,
+        "height": 48,
+        "steps": 3,
+        "guidance_scale": 7.0,
+        "seed": 7,
+        "num_images": 1,
+        **overrides,
+    }
+    with session_scope() as session:
+        owner = get_or_create_tenant(session, tenant)
+        job = create_job(
+            session,
+            tenant_id=owner.id,
+            model=request["model"],
+            queue="model.tiny-sd",
+            request=request,
+            metadata=None,
+            priority=priority,
+            batch_key=batch_key(request),
+        )
+    return job.id
+
+
+def load(job_id: str) -> Any:
+    with session_scope() as session:
+        return get_job(session, job_id)
+
+
+def pixels(job_id: str) -> list[np.ndarray]:
+    storage = get_storage()
+    return [
+        np.asarray(Image.open(io.BytesIO(storage.path(o["key"]).read_bytes())).convert("RGB"))  # type: ignore[union-attr]
+        for o in load(job_id).outputs or []
+    ]
+
+
+def alone(request: dict[str, Any]) -> list[np.ndarray]:
+    """The job's images from a plain diffusers call of its own: prompt strings, one generator per image."""
+    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    count = request["num_images"]
+    with torch.inference_mode():
+        result = pipe(
+            prompt=[request["prompt"]] * count,
+            negative_prompt=[request["negative_prompt"]] * count if request["negative_prompt"] else None,
+            width=request["width"],
+            height=request["height"],
+            num_inference_steps=request["steps"],
+            guidance_scale=request["guidance_scale"],
+            generator=generators(request["seed"], count),
+        )
+    return [np.asarray(image.convert("RGB")) for image in result.images]
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[list[dict[str, Any]]]:
+    """The requests of every pipeline call the worker makes."""
+    seen: list[list[dict[str, Any]]] = []
+    original = generate.generate_batch
+
+    def spy(pipe: Any, requests: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(list(requests))
+        return original(pipe, requests, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "generate_batch", spy)
+    return seen
+
+
+def test_a_batch_gives_each_job_the_pixels_it_would_get_alone(
+    darkroom_env: dict[str, Any], calls: list[list[dict[str, Any]]]
+) -> None:
+    jobs = [
+        submit(prompt="a lighthouse", seed=7, num_images=2),
+        submit(prompt="a red fox", negative_prompt="blurry", seed=100),
+        submit(tenant="other", prompt="a lighthouse", seed=3, num_images=3),
+    ]
+    assert tasks.run_job(jobs[0]) == "succeeded"
+    assert len(calls) == 1 and len(calls[0]) == 3  # one pipeline call for all three
+    for job_id in jobs:
+        job = load(job_id)
+        assert job.status == "succeeded" and job.progress_step == job.progress_total == 3
+        got, want = pixels(job_id), alone(job.request)
+        assert [o["seed"] for o in job.outputs] == [job.request["seed"] + i for i in range(job.request["num_images"])]
+        assert len(got) == len(want) == job.request["num_images"]
+        for g, w in zip(got, want, strict=True):
+            # Batched float maths differs from unbatched at ~1e-6: at most one step of uint8 rounding.
+            assert np.abs(g.astype(int) - w.astype(int)).max() <= 1
+    assert tasks.run_job(jobs[1]) == "skipped" and tasks.run_job(jobs[2]) == "skipped"  # spare tokens
+
+
+def test_incompatible_jobs_never_share_a_call(darkroom_env: dict[str, Any], calls: list[list[dict[str, Any]]]) -> None:
+    jobs = [submit(), submit(width=96), submit(steps=2), submit(guidance_scale=3.0), submit(prompt="other")]
+    for job_id in jobs:
+        tasks.run_job(job_id)
+    assert all(load(j).status == "succeeded" for j in jobs)
+    assert sorted(len(call) for call in calls) == [1, 1, 1, 2]  # only the prompt may differ within a call
+    for call in calls:
+        assert len({batch_key(request) for request in call}) == 1
+
+
+def test_a_batch_never_exceeds_the_image_limit(
+    darkroom_env: dict[str, Any], calls: list[list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [submit(num_images=n, seed=10 * i) for i, n in enumerate((3, 4, 2, 1))]
+    for job_id in jobs:
+        tasks.run_job(job_id)
+    assert all(load(j).status == "succeeded" for j in jobs)
+    # 3 + 4 fill 7 of 8; the 2 does not fit, the 1 does.
+    assert [[r["num_images"] for r in call] for call in calls] == [[3, 4, 1], [2]]
+
+
+def test_a_job_canceled_inside_a_batch_loses_its_images_while_the_others_finish(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep, drop, also = submit(seed=1, steps=6), submit(seed=2, steps=6), submit(seed=3, steps=6)
+    original = tasks.StepHook.__call__
+
+    def cancel_at_step_2(self: tasks.StepHook, step: int, total: int) -> None:
+        if step == 2:
+            with session_scope() as session:
+                cancel_job(session, drop, load(drop).tenant_id)
+            broker.request_cancel(drop)
+        original(self, step, total)
+
+    monkeypatch.setattr(tasks.StepHook, "__call__", cancel_at_step_2)
+    assert tasks.run_job(keep) == "stopped,succeeded"  # one outcome word per distinct outcome in the batch
+    assert load(keep).status == load(also).status == "succeeded"
+    canceled = load(drop)
+    assert canceled.status == "canceled" and not canceled.outputs
+    assert not get_storage().path(f"jobs/{drop}").exists()  # type: ignore[union-attr]
+
+
+def test_a_batch_whose_jobs_are_all_canceled_stops(darkroom_env: dict[str, Any]) -> None:
+    first, second = submit(steps=20), submit(steps=20)
+    broker.request_cancel(first)
+    broker.request_cancel(second)
+    assert tasks.run_job(first) == "stopped"
+    assert not get_storage().path(f"jobs/{first}").exists()  # type: ignore[union-attr]
+
+
+def test_a_token_runs_the_best_job_and_its_own_job_keeps_a_token(darkroom_env: dict[str, Any]) -> None:
+    low = submit(priority=0, width=96)
+    high = submit(priority=2, width=128)
+    assert tasks.run_job(low) == "succeeded"
+    assert load(high).status == "succeeded" and load(low).status == "queued"
+    assert tasks.run_job(high) == "succeeded"  # high's token, spare now, runs low
+    assert load(low).status == "succeeded"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+        self.slept += seconds
+
+
+def test_a_lone_job_waits_no_longer_than_the_window() -> None:
+    clock, looks = FakeClock(), []
+
+    def nobody(room: int) -> int:
+        looks.append(clock.now)
+        return 0
+
+    assert gather(nobody, images=1, max_images=8, window_s=0.010, clock=clock, sleep=clock.sleep) == 1
+    assert clock.slept <= 0.010 + 1e-9 and len(looks) >= 2
+    assert looks[0] == 100.0  # looked at once, before any waiting
+
+
+def test_no_wait_with_a_zero_window_or_a_full_batch() -> None:
+    clock = FakeClock()
+    assert gather(lambda room: 0, images=1, max_images=8, window_s=0, clock=clock, sleep=clock.sleep) == 1
+    assert gather(lambda room: room, images=1, max_images=8, window_s=1.0, clock=clock, sleep=clock.sleep) == 8
+    assert gather(lambda room: 1 / 0, images=8, max_images=8, window_s=1.0, clock=clock, sleep=clock.sleep) == 8
+    assert clock.slept == 0
+
+
+def test_company_arriving_within_the_window_joins() -> None:
+    clock = FakeClock()
+    arrivals = {100.004: 2, 100.006: 3}
+
+    def claim(room: int) -> int:
+        arrived = [t for t in arrivals if t <= clock.now]
+        return min(room, sum(arrivals.pop(t) for t in arrived))
+
+    assert gather(claim, images=1, max_images=8, window_s=0.010, clock=clock, sleep=clock.sleep) == 6
+    assert clock.slept <= 0.010 + 1e-9

@@ -1,0 +1,170 @@
+"""Running a batch: gathering compatible jobs for a short window, one pipeline call for all of them, and
+the per-step hook that cancels jobs one by one.
+
+A batch is a leader job (picked by `shared.scheduling`) plus queued jobs with its batch key, up to
+`DARKROOM_MAX_BATCH_IMAGES` images. A job canceled mid-call loses its images while the others go on; the
+call stops only once no job in it is still wanted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from shared import broker
+from shared.db import session_scope
+from shared.jobs import record_progress_many
+from shared.settings import Settings
+from worker.acceleration import bucket_for, parse_shapes
+from worker.generate import StopGeneration, generate_batch
+
+log = logging.getLogger("darkroom.worker")
+
+# Pipelines known to take per-image prompt and generator lists; anything else runs one call per job.
+BATCHABLE = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+# How often gathering looks for company again within its window.
+GATHER_POLL_S = 0.002
+
+
+@dataclass(frozen=True)
+class Member:
+    """One claimed job in a batch: the attempt it was claimed as, and the request it runs."""
+
+    job_id: str
+    attempt: int
+    request: dict[str, Any]
+
+    @property
+    def images(self) -> int:
+        return int(self.request["num_images"])
+
+
+def gather(
+    claim_more: Callable[[int], int],
+    *,
+    images: int,
+    max_images: int,
+    window_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Fill a batch that holds `images`: claim what is queued now, then look again until it is full or the
+    window closes. `claim_more(room)` claims up to `room` images and returns how many it got.
+
+    The window starts when gathering does, so a job is never held back longer than `window_s`, and a
+    batch that is full, or a window of 0, waits for nothing. Returns the images in the batch.
+    """
+    deadline = clock() + window_s
+    while images < max_images:
+        images += claim_more(max_images - images)
+        remaining = deadline - clock()
+        if images >= max_images or remaining <= 0:
+            break
+        sleep(min(GATHER_POLL_S, remaining))
+    return images
+
+
+class StepHook:
+    """Called after every denoising step: drops canceled or lost jobs, records progress at a bounded rate.
+
+    Raises StopGeneration once no job of the call is left. `dropped` is shared with the heartbeat, which
+    adds jobs whose lease it could no longer renew.
+    """
+
+    def __init__(self, members: list[Member], interval: float, dropped: set[str] | None = None):
+        self.members = members
+        self.interval = interval
+        self.dropped = dropped if dropped is not None else set()
+        self.last_write = 0.0
+
+    def only(self, members: list[Member]) -> StepHook:
+        """The same hook over a subset of the jobs (one call per job), sharing what was dropped."""
+        return StepHook(members, self.interval, self.dropped)
+
+    def live(self) -> list[Member]:
+        return [m for m in self.members if m.job_id not in self.dropped]
+
+    def drop_canceled(self) -> None:
+        live = self.live()
+        for member, canceled in zip(live, broker.cancels_requested([m.job_id for m in live]), strict=True):
+            if canceled:
+                log.info("job %s canceled; its images are dropped", member.job_id)
+                self.dropped.add(member.job_id)
+
+    def __call__(self, step: int, total: int) -> None:
+        self.drop_canceled()
+        now = time.monotonic()
+        live = self.live()
+        if live and (step == total or now - self.last_write >= self.interval):
+            self.last_write = now
+            with session_scope() as session:
+                ours = record_progress_many(session, {m.job_id: m.attempt for m in live}, step=step, total=total)
+            for member in live:
+                if member.job_id not in ours:
+                    log.info("job %s is no longer running on this worker", member.job_id)
+                    self.dropped.add(member.job_id)
+        if not self.live():
+            raise StopGeneration("every job of this call was canceled or taken over")
+
+
+@dataclass
+class BatchResult:
+    images: dict[str, list[Image.Image]] = field(default_factory=dict)  # jobs still wanted at the end
+    failed: dict[str, str] = field(default_factory=dict)  # job id -> "ExceptionType: message"
+
+
+def run_batch(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) -> BatchResult:
+    """Run the batch. Jobs dropped on the way appear in neither `images` nor `failed`.
+
+    One call for the whole batch when the pipeline can take it; otherwise, or if that call fails, one call
+    per job, so that one job's bad input cannot fail its neighbours. Raises StopGeneration when every job
+    was dropped before any image was made.
+    """
+    result = BatchResult()
+    if len(members) > 1 and isinstance(pipe, BATCHABLE):
+        try:
+            result.images = _keep_live(hook, members, _call(pipe, members, hook, settings))
+            return result
+        except (StopGeneration, SoftTimeLimitExceeded):
+            raise
+        except Exception:
+            log.warning("batched call of %d jobs failed; running them one by one", len(members), exc_info=True)
+    for member in members:
+        if member.job_id in hook.dropped:
+            continue
+        try:
+            result.images.update(_keep_live(hook, [member], _call(pipe, [member], hook.only([member]), settings)))
+        except StopGeneration:
+            continue
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            log.exception("job %s: generation failed", member.job_id)
+            result.failed[member.job_id] = f"{type(exc).__name__}: {exc}"
+    if not result.images and not result.failed:
+        raise StopGeneration("every job of this batch was canceled or taken over")
+    return result
+
+
+def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) -> list[list[Image.Image]]:
+    first = members[0].request
+    images = sum(m.images for m in members)
+    pad_to = 0
+    if settings.compile:
+        pad_to = bucket_for(images, int(first["width"]), int(first["height"]), parse_shapes(settings.compile_shapes))
+    return generate_batch(
+        pipe, [m.request for m in members], hook, pad_to=pad_to, tiling_pixels=settings.vae_tiling_pixels
+    )
+
+
+def _keep_live(hook: StepHook, members: list[Member], images: list[list[Image.Image]]) -> dict[str, list[Image.Image]]:
+    # A cancel that arrived during the final decode still counts: nothing is uploaded for it.
+    hook.drop_canceled()
+    return {m.job_id: imgs for m, imgs in zip(members, images, strict=True) if m.job_id not in hook.dropped}
