@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import tempfile
 import time
@@ -13,8 +14,17 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlparse
 
+from tenacity import RetryCallState, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying as _Retrying
+
 from shared.errors import Forbidden, NotFound
 from shared.settings import Settings, get_settings
+
+log = logging.getLogger("darkroom.storage")
+
+
+class StorageUnavailable(Exception):
+    """Storage kept refusing or not answering for the whole retry budget."""
 
 
 class Storage(Protocol):
@@ -108,8 +118,9 @@ class S3Storage:
             region_name=settings.s3_region,
             config=Config(
                 signature_version="s3v4",
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=5,
+                # Few quick tries here: put_with_retry owns the longer backoff, bounded in time.
+                retries={"max_attempts": 2, "mode": "standard"},
+                connect_timeout=3,
                 read_timeout=30,
             ),
         )
@@ -150,6 +161,47 @@ def make_storage(settings: Settings) -> LocalStorage | S3Storage:
 @lru_cache
 def get_storage() -> LocalStorage | S3Storage:
     return make_storage(get_settings())
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error worth retrying: the server is unreachable, timing out, or answering 5xx / SlowDown."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, BotoConnectionError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, ClientError):
+        response: Any = exc.response
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        return status >= 500 or response.get("Error", {}).get("Code") in ("SlowDown", "RequestTimeout")
+    return isinstance(exc, BotoCoreError) and "Connection" in type(exc).__name__
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("storage upload failed (%s); retry %d", type(exc).__name__, state.attempt_number)
+
+
+def put_with_retry(storage: Storage, key: str, data: bytes, content_type: str, *, seconds: float) -> None:
+    """`storage.put`, retried with jittered exponential backoff for up to `seconds` on transient errors.
+
+    A put is idempotent (same key, same bytes) and each object appears whole or not at all, so retrying
+    never leaves a partial object behind. Raises StorageUnavailable once the budget is spent.
+    """
+    retrying = _Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_delay(seconds),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+    try:
+        retrying(storage.put, key, data, content_type)
+    except Exception as exc:
+        if is_transient(exc):
+            message = f"storage did not accept {key} within {seconds:g} s: {type(exc).__name__}"
+            raise StorageUnavailable(message) from exc
+        raise
 
 
 def output_key(job_id: str, index: int, extension: str = "png") -> str:
