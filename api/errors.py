@@ -79,3 +79,44 @@ def install(app: FastAPI) -> None:
         return error_response(
             503, "database_unavailable", "the database is unavailable; retry shortly", {"Retry-After": "5"}
         )
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document tell the truth about errors, which every route renders as ErrorResponse.
+
+    FastAPI documents its own 422 body (HTTPValidationError); ours is ErrorResponse. Every authenticated
+    route can also answer 401, and 503 while the database is down; every route with a body 413.
+    """
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        error = {"description": "Error", "content": {"application/json": {"schema": ref}}}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.setdefault(
+            "ErrorResponse", ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+        for name, model_schema in (
+            ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}).items()
+        ):
+            components.setdefault(name, model_schema)
+        components["ErrorResponse"].pop("$defs", None)
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                answers = operation.setdefault("responses", {})
+                wanted = {"422"}
+                if path.startswith("/v1/"):
+                    wanted |= {"401", "503"}
+                if "requestBody" in operation:
+                    wanted |= {"413"}
+                for status in wanted:
+                    answers[status] = {**error, "description": answers.get(status, {}).get("description", "Error")}
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
