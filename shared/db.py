@@ -98,7 +98,8 @@ def retry_unit_of_work(work: Callable[[Session], T], *, seconds: float, what: st
                 raise
             log.warning("database unavailable during %s (%s); retrying in %.1f s", what, type(exc).__name__, delay)
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            # Capped low: once the database is back, the write should land well within a lease period.
+            delay = min(delay * 2, 1.0)
 
 
 def reset_connections() -> None:
