@@ -53,7 +53,9 @@ def run_forever(stop: threading.Event) -> None:
     last_failure = -float("inf")
     while not stop.wait(interval):
         try:
-            lock = broker.lock("reconciler", timeout=max(interval * 4, 30))
+            # Short: a worker killed mid-pass keeps the lock until it times out, delaying everyone's recovery.
+            # Two passes overlapping are safe anyway (conditional updates, harmless duplicate publishes).
+            lock = broker.lock("reconciler", timeout=max(interval * 4, 10))
             if not lock.acquire():
                 continue
             try:
