@@ -32,7 +32,6 @@ def _fresh_connections(**_: object) -> None:
     db.reset_connections()
     broker.get_redis.cache_clear()
     logs.worker.set(status.worker_id())
-    status.install_stop_handler()
     status.start_reporting()
 
 

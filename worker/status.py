@@ -84,6 +84,7 @@ def start_reporting() -> None:
 
 def job_started(job_id: str) -> None:
     state.current_job = job_id
+    install_stop_handler()
 
 
 def job_ended(job_id: str, outcome: str | None) -> None:
@@ -117,15 +118,24 @@ def stop_requested() -> bool:
 def install_stop_handler() -> None:
     """SIGTERM in a pool process: hand the current job back (see tasks.StepHook) instead of dying mid-job.
 
-    An idle process just exits, as it would without this handler: the pool also uses SIGTERM to end
-    processes it no longer needs.
+    Installed when a job starts, not at process start: billiard sets its own SIGTERM handler after the
+    process initialiser has run. An idle process still ends the way billiard intended (its handler, kept
+    as `previous`), since the pool also uses SIGTERM to retire processes.
     """
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "darkroom", False):
+        return
 
-    def on_sigterm(signum: int, _frame: Any) -> None:
+    def on_sigterm(signum: int, frame: Any) -> None:
         if state.current_job is None:
+            if callable(previous):
+                previous(signum, frame)
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        log.warning("SIGTERM: handing job %s back at its next step", state.current_job)
         state.stop_requested.set()
 
+    on_sigterm.darkroom = True  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, on_sigterm)
