@@ -112,7 +112,8 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.ttl = settings.url_ttl_seconds
-        self.client = boto3.client(
+        # A session of its own: boto3's default session is not safe to share between the API's threads.
+        self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
             region_name=settings.s3_region,
