@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorResponse
 from shared.errors import DarkroomError
+from shared.logs import redact
 
 log = logging.getLogger("darkroom.api")
 
@@ -29,7 +30,9 @@ STATUS_CODES = {
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    # Messages may quote what the client sent (an unknown model, an id); a key pasted in the wrong field
+    # is still masked, so that no error, and no log of one, ever carries a key.
+    return JSONResponse({"error": {"code": code, "message": redact(message)}}, status_code=status, headers=headers)
 
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:

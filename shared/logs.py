@@ -40,7 +40,7 @@ class JSONFormatter(logging.Formatter):
         for name, var in CONTEXT.items():
             value = getattr(record, name, None) or var.get()
             if value:
-                entry[name] = value
+                entry[name] = redact(str(value))
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)

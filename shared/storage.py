@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import tempfile
 import time
 from functools import lru_cache
@@ -39,6 +40,9 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
         raise ValueError(f"invalid storage key {key!r}")
     return key
+
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def sign(secret: str, key: str, expires: int) -> str:
@@ -83,7 +87,8 @@ class LocalStorage:
             path = self.path(key)
         except ValueError as exc:
             raise NotFound("no such file") from exc
-        if not hmac.compare_digest(sign(self.secret, key, expires), sig):
+        # compare_digest refuses non-ASCII text (TypeError), so anything but a hex digest is refused first.
+        if not _HEX_DIGEST.fullmatch(sig) or not hmac.compare_digest(sign(self.secret, key, expires), sig):
             raise Forbidden("invalid signature", code="invalid_signature")
         if expires < time.time():
             raise Forbidden("this URL has expired", code="url_expired")
