@@ -7,6 +7,7 @@ import signal
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.faults.conftest import Cluster, check_invariants, report
@@ -138,3 +139,15 @@ def test_gpu_out_of_memory_fails_the_job_and_the_worker_keeps_serving(make_clust
     assert all(done[j]["status"] == "succeeded" for j in after)
     counts = check_invariants(cluster)
     report("GPU out of memory (simulated)", counts)
+
+    # The worker reports itself (status in Redis), and /metrics counts what it did.
+    admin = cluster.make_key("ops", admin=True)
+    listed = wait_for(
+        lambda: httpx.get(f"{cluster.url}/v1/admin/workers", headers=admin, timeout=10).json()["data"],
+        timeout=10,
+        what="worker status report",
+    )
+    assert listed[0]["loaded_models"] == ["tiny-sd"] and listed[0]["jobs"]["succeeded"] == 3
+    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    assert 'darkroom_jobs_finished_total{code="out_of_memory",model="tiny-sd",status="failed"} 1.0' in text
+    assert 'darkroom_images_total{model="tiny-sd"} 3.0' in text
