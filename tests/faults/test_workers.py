@@ -54,7 +54,7 @@ def test_a_worker_killed_mid_job_is_taken_over(make_cluster: Any) -> None:
     lease = float(cluster.env["DARKROOM_LEASE_SECONDS"])
     # The lease runs out at most one lease after the last heartbeat; then one reconciler pass requeues
     # the job and the idle worker claims it. The slack absorbs a loaded 2-core machine.
-    bound = lease + float(cluster.env["DARKROOM_RECONCILE_INTERVAL"]) * 2 + 10
+    bound = 2 * lease + float(cluster.env["DARKROOM_RECONCILE_INTERVAL"]) * 2 + 15
     assert recovery <= bound, f"took {recovery:.1f} s to take the job over (bound {bound} s)"
     assert all(job["status"] == "succeeded" for job in done.values()), done
     counts = check_invariants(cluster)
