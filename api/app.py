@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
+from api.context import RequestContext
 from api.limits import BodySizeLimit
-from api.routes import events, files, health, jobs, models, webhooks
+from api.routes import admin, events, files, health, jobs, metrics, models, webhooks
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -25,7 +26,10 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="darkroom", version="1", description=DESCRIPTION)
     errors.install(app)
-    for module in (jobs, events, webhooks, models, health, files):
+    for module in (jobs, events, webhooks, models, health, files, admin, metrics):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost, so the request id is known to every log line and echoed on every response, refusals too.
+    app.add_middleware(RequestContext)
+    errors.document_errors(app)
     return app

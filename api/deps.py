@@ -8,9 +8,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from shared import logs
 from shared.db import session_scope
-from shared.errors import Unauthorized
-from shared.tenants import authenticate
+from shared.errors import Forbidden, Unauthorized
+from shared.tenants import authenticate, is_admin
+
+# Our keys are about 50 characters; anything much longer is not one, and is refused before any lookup.
+MAX_KEY_LENGTH = 256
 
 
 def get_session() -> Iterator[Session]:
@@ -28,11 +32,27 @@ def get_tenant(request: Request) -> str:
         raise Unauthorized(
             "missing API key: send `Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"}
         )
-    with session_scope() as session:
-        tenant_id = authenticate(session, key.strip())
+    # The key is never echoed, in a message or a log: "invalid" says all the client needs.
+    tenant_id = None
+    if len(key) <= MAX_KEY_LENGTH:
+        with session_scope() as session:
+            tenant_id = authenticate(session, key.strip())
     if tenant_id is None:
         raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    request.state.tenant = tenant_id
+    logs.tenant.set(tenant_id)
     return tenant_id
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+def get_admin(tenant_id: TenantDep) -> str:
+    with session_scope() as session:
+        admin = is_admin(session, tenant_id)
+    if not admin:
+        raise Forbidden("this route is for admin keys only (darkroom keys create --admin)", code="admin_only")
+    return tenant_id
+
+
+AdminDep = Annotated[str, Depends(get_admin)]

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorResponse
 from shared.errors import DarkroomError
+from shared.logs import redact
 
 log = logging.getLogger("darkroom.api")
 
@@ -29,7 +30,9 @@ STATUS_CODES = {
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    # Messages may quote what the client sent (an unknown model, an id); a key pasted in the wrong field
+    # is still masked, so that no error, and no log of one, ever carries a key.
+    return JSONResponse({"error": {"code": code, "message": redact(message)}}, status_code=status, headers=headers)
 
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -68,6 +71,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "error")
+        if exc.status_code == 400:
+            log.info("bad request: %s", exc.detail)
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(OperationalError)
@@ -79,3 +84,44 @@ def install(app: FastAPI) -> None:
         return error_response(
             503, "database_unavailable", "the database is unavailable; retry shortly", {"Retry-After": "5"}
         )
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document tell the truth about errors, which every route renders as ErrorResponse.
+
+    FastAPI documents its own 422 body (HTTPValidationError); ours is ErrorResponse. Every authenticated
+    route can also answer 401, and 503 while the database is down; every route with a body 413.
+    """
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        error = {"description": "Error", "content": {"application/json": {"schema": ref}}}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.setdefault(
+            "ErrorResponse", ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+        for name, model_schema in (
+            ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}).items()
+        ):
+            components.setdefault(name, model_schema)
+        components["ErrorResponse"].pop("$defs", None)
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                answers = operation.setdefault("responses", {})
+                wanted = {"422"}
+                if path.startswith("/v1/"):
+                    wanted |= {"401", "503"}
+                if "requestBody" in operation:
+                    wanted |= {"413"}
+                for status in wanted:
+                    answers[status] = {**error, "description": answers.get(status, {}).get("description", "Error")}
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,4 +1,5 @@
-"""Request body cap, enforced while the body streams in so a huge upload is never buffered."""
+"""Request limits enforced while the body streams in: its size (a huge upload is never buffered) and the
+nesting depth of a JSON body (a deeply nested document would otherwise exhaust the parser's recursion)."""
 
 from __future__ import annotations
 
@@ -14,29 +15,74 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body over {max_bytes} bytes")
 
 
+MAX_JSON_DEPTH = 32
+
+
+class JSONTooDeep(HTTPException):
+    def __init__(self, max_depth: int):
+        super().__init__(422, f"body: JSON nested deeper than {max_depth} levels")
+
+
+class _DepthScanner:
+    """Tracks the nesting depth of a JSON text fed in chunks, skipping brackets inside strings."""
+
+    def __init__(self, max_depth: int):
+        self.max_depth = max_depth
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def feed(self, chunk: bytes) -> bool:
+        """False as soon as the depth passes the maximum."""
+        for byte in chunk:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif byte == 0x5C:  # backslash
+                    self.escaped = True
+                elif byte == 0x22:  # quote
+                    self.in_string = False
+            elif byte == 0x22:
+                self.in_string = True
+            elif byte in (0x5B, 0x7B):  # [ {
+                self.depth += 1
+                if self.depth > self.max_depth:
+                    return False
+            elif byte in (0x5D, 0x7D):  # ] }
+                self.depth -= 1
+        return True
+
+
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, max_json_depth: int = MAX_JSON_DEPTH):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_json_depth = max_json_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._refuse(send)
+            await self._refuse(send, 413, "payload_too_large", f"request body over {self.max_bytes} bytes")
             return
         seen = 0
         started = False
+        # Scan whatever FastAPI would try to parse as JSON (it parses any body whose type mentions json).
+        scanner = _DepthScanner(self.max_json_depth) if b"json" in headers.get(b"content-type", b"").lower() else None
 
         async def limited_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                body = message.get("body", b"")
+                seen += len(body)
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                if scanner is not None and not scanner.feed(body):
+                    raise JSONTooDeep(self.max_json_depth)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -49,16 +95,17 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, 413, "payload_too_large", f"request body over {self.max_bytes} bytes")
+        except JSONTooDeep as exc:
+            if not started:
+                await self._refuse(send, 422, "invalid_request", str(exc.detail))
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": {"code": "payload_too_large", "message": f"request body over {self.max_bytes} bytes"}}
-        ).encode()
+    async def _refuse(self, send: Send, status: int, code: str, message: str) -> None:
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

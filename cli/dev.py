@@ -51,7 +51,12 @@ def run_dev(host: str, port: int) -> None:
     upgrade()
     key = _dev_key()
     url = f"http://{host}:{port}"
-    env = {**os.environ, "DARKROOM_PUBLIC_URL": os.environ.get("DARKROOM_PUBLIC_URL", url)}
+    env = {
+        **os.environ,
+        "DARKROOM_PUBLIC_URL": os.environ.get("DARKROOM_PUBLIC_URL", url),
+        # A person reads these logs in the terminal; deployments keep the JSON default.
+        "DARKROOM_LOG_FORMAT": os.environ.get("DARKROOM_LOG_FORMAT", "text"),
+    }
     exe = [sys.executable, "-m", "cli"]
     procs = [
         subprocess.Popen([*exe, "api", "--host", host, "--port", str(port), "--log-level", "warning"], env=env),

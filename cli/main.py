@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def _api(args: argparse.Namespace) -> None:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        # None: uvicorn's loggers go through the root handler, so its lines are JSON like ours.
+        log_config=None,
     )
 
 
@@ -61,9 +64,10 @@ def _keys_create(args: argparse.Namespace) -> None:
     from shared.tenants import create_key
 
     with session_scope() as session:
-        key = create_key(session, args.tenant)
+        key = create_key(session, args.tenant, admin=args.admin)
     print(key)
-    print(f"API key for tenant {args.tenant!r}; it is shown only once.", file=sys.stderr)
+    role = "admin tenant" if args.admin else "tenant"
+    print(f"API key for {role} {args.tenant!r}; it is shown only once.", file=sys.stderr)
 
 
 def _keys_revoke(args: argparse.Namespace) -> None:
@@ -134,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create a key for a tenant (created if new); prints it once")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--admin", action="store_true", help="make the tenant an admin (operator routes /v1/admin)")
     create.set_defaults(func=_keys_create)
     revoke = keys.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key")
@@ -169,7 +174,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shared.logs import configure
+
+    configure(os.environ.get("DARKROOM_LOG_FORMAT", "json"))
     for noisy in ("httpx", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parser().parse_args(argv)

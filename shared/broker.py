@@ -94,14 +94,27 @@ def request_cancel(job_id: str) -> None:
 
 
 def cancel_requested(job_id: str) -> bool:
-    return bool(get_redis().exists(_key("cancel", job_id)))
+    # Redis down must not fail a running job: a cancel is also seen through the database, at the job's
+    # next progress write, so "not requested" is a safe answer here.
+    try:
+        return bool(get_redis().exists(_key("cancel", job_id)))
+    except redis.RedisError:
+        return False
+
+
+def queue_length(queue: str) -> int:
+    """Messages waiting in a queue's Redis list (what Celery has not handed to a worker yet)."""
+    return int(get_redis().llen(f"{get_settings().redis_prefix}{queue}"))
 
 
 def cancels_requested(job_ids: list[str]) -> list[bool]:
     """`cancel_requested` for a whole batch in one round trip."""
     if not job_ids:
         return []
-    return [v is not None for v in get_redis().mget([_key("cancel", j) for j in job_ids])]
+    try:
+        return [v is not None for v in get_redis().mget([_key("cancel", j) for j in job_ids])]
+    except redis.RedisError:
+        return [False] * len(job_ids)  # as in cancel_requested: the database still carries the cancel
 
 
 def lock(name: str, timeout: float) -> redis.lock.Lock:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from shared.settings import get_settings
+
+log = logging.getLogger("darkroom.db")
+T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
     pass
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, connect_timeout: int = 3, pool_timeout: float = 3.0) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -32,13 +39,24 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    # pool_pre_ping: a PostgreSQL restart must not leave dead connections in the pool.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=5)
+    # pool_pre_ping: a PostgreSQL restart must not leave dead connections in the pool. Short connect and
+    # pool timeouts: while the database is down a request must get its 503 in seconds, not hang.
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=pool_timeout,
+        connect_args={"connect_timeout": connect_timeout},
+    )
 
 
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(get_settings().database_url)
+    settings = get_settings()
+    return make_engine(
+        settings.database_url, connect_timeout=settings.db_connect_timeout, pool_timeout=settings.db_pool_timeout
+    )
 
 
 @lru_cache
@@ -58,6 +76,30 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+
+
+def retry_unit_of_work(work: Callable[[Session], T], *, seconds: float, what: str) -> T:
+    """Run `work` in its own unit of work, retrying through a database outage for up to `seconds`.
+
+    For writes that must not be lost when the database blinks (a worker's finished job): the work has to be
+    idempotent, which the state machine's conditional UPDATEs are.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.2
+    while True:
+        try:
+            with session_scope() as session:
+                return work(session)
+        except DB_UNAVAILABLE as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable during %s (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            # Capped low: once the database is back, the write should land well within a lease period.
+            delay = min(delay * 2, 1.0)
 
 
 def reset_connections() -> None:

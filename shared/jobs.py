@@ -8,10 +8,10 @@ table below does not allow raises `IllegalTransition` before any SQL runs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared import events
@@ -283,6 +283,31 @@ def queued_before(session: Session, cutoff: datetime, limit: int = 1000) -> list
         .limit(limit)
     ).all()
     return [(r[0], r[1]) for r in rows]
+
+
+def queue_stats(session: Session) -> list[tuple[str, int, datetime | None]]:
+    """(queue, queued jobs, creation time of the oldest queued job) for every queue with queued jobs."""
+    rows = session.execute(
+        select(Job.queue, func.count(), func.min(Job.created_at)).where(Job.status == QUEUED).group_by(Job.queue)
+    ).all()
+    return [(r[0], int(r[1]), _aware(r[2])) for r in rows]
+
+
+def status_counts(session: Session) -> list[tuple[str, str, str | None, int]]:
+    """(model, status, error code, jobs) over every job: totals for /metrics, counted where they cannot be lost."""
+    rows = session.execute(
+        select(Job.model, Job.status, Job.error_code, func.count()).group_by(Job.model, Job.status, Job.error_code)
+    ).all()
+    return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # An aggregate bypasses the UTC column type, so SQLite hands back a naive (UTC) datetime or a string.
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value
 
 
 def list_jobs(

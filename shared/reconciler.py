@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import redis
@@ -27,10 +28,12 @@ log = logging.getLogger("darkroom.reconciler")
 PUBLISH_GRACE = timedelta(seconds=2)
 
 
-def reconcile_once() -> dict[str, int]:
+def reconcile_once(*, expire: bool = True) -> dict[str, int]:
     settings = get_settings()
-    with session_scope() as session:
-        requeued = [(j.id, j.queue) for j in expire_leases(session, max_attempts=settings.max_attempts)]
+    requeued: list[tuple[str, str]] = []
+    if expire:
+        with session_scope() as session:
+            requeued = [(j.id, j.queue) for j in expire_leases(session, max_attempts=settings.max_attempts)]
     for job_id, queue in requeued:
         log.warning("lease expired; job %s back in queue %s", job_id, queue)
         broker.publish_job(job_id, queue)
@@ -61,17 +64,24 @@ def reconcile_once() -> dict[str, int]:
 def run_forever(stop: threading.Event) -> None:
     settings = get_settings()
     interval = settings.reconcile_interval
+    last_failure = -float("inf")
     while not stop.wait(interval):
         try:
-            lock = broker.lock("reconciler", timeout=max(interval * 4, 30))
+            # Short: a worker killed mid-pass keeps the lock until it times out, delaying everyone's recovery.
+            # Two passes overlapping are safe anyway (conditional updates, harmless duplicate publishes).
+            lock = broker.lock("reconciler", timeout=max(interval * 4, 10))
             if not lock.acquire():
                 continue
             try:
-                reconcile_once()
+                # After an outage no worker could renew its lease, so every lease looks expired. Give live
+                # workers one lease period to renew (and to land the results they held on to) before
+                # treating them as dead; otherwise finished work would be thrown away and redone.
+                reconcile_once(expire=time.monotonic() - last_failure > settings.lease_seconds)
             finally:
                 with contextlib.suppress(redis.exceptions.LockError):
                     lock.release()
         except Exception:  # keep healing through database or Redis outages
+            last_failure = time.monotonic()
             log.exception("reconciler pass failed")
 
 

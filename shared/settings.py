@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,7 +17,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     env: str = Field(
-        "development", description="`development` or `production`; production refuses placeholder secrets."
+        "development",
+        description="`development`, `test` or `production`; production refuses placeholder secrets, only `test` "
+        "honours DARKROOM_TEST_FAULTS.",
     )
     data_dir: Path = Field(
         Path("data"),
@@ -114,6 +117,33 @@ class Settings(BaseSettings):
     vae_tiling_pixels: int = Field(
         1024 * 1024, ge=0, description="Above this many pixels per image the VAE decodes in tiles, one image at a time."
     )
+    db_connect_timeout: int = Field(
+        3, ge=1, description="Seconds to wait for a new PostgreSQL connection before answering 503 (API) or retrying."
+    )
+    db_pool_timeout: float = Field(
+        3.0, gt=0, description="Seconds a request waits for a free pooled database connection before a 503."
+    )
+    db_retry_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="How long a worker keeps retrying a job's database writes (claim, result) through an outage.",
+    )
+    storage_retry_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="How long a worker retries uploads, with backoff, before failing a job with `storage_unavailable`.",
+    )
+    worker_status_interval: float = Field(
+        5.0, gt=0, description="Seconds between two status reports of a worker to Redis (read by /metrics and admin)."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`json`: one JSON object per log line (API and worker); `text` for reading by eye."
+    )
+    test_faults: str = Field(
+        "",
+        description="Comma-separated faults a job can trigger (`crash`, `oom`, `hang`); honoured only when "
+        "DARKROOM_ENV=test. See worker/faults.py.",
+    )
 
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:
@@ -130,7 +160,16 @@ class Settings(BaseSettings):
             raise ValueError("DARKROOM_SECRET_KEY must be set when DARKROOM_ENV=production")
         if self.job_hard_time_limit <= self.job_soft_time_limit:
             raise ValueError("DARKROOM_JOB_HARD_TIME_LIMIT must be greater than DARKROOM_JOB_SOFT_TIME_LIMIT")
+        if self.test_faults and self.env != "test":
+            raise ValueError("DARKROOM_TEST_FAULTS is only allowed with DARKROOM_ENV=test")
         return self
+
+    @property
+    def faults(self) -> frozenset[str]:
+        """Test faults in force: none unless DARKROOM_ENV=test."""
+        if self.env != "test":
+            return frozenset()
+        return frozenset(f.strip() for f in self.test_faults.split(",") if f.strip())
 
     @property
     def visibility_timeout(self) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import re
 import tempfile
 import time
 from functools import lru_cache
@@ -13,8 +15,17 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlparse
 
+from tenacity import RetryCallState, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying as _Retrying
+
 from shared.errors import Forbidden, NotFound
 from shared.settings import Settings, get_settings
+
+log = logging.getLogger("darkroom.storage")
+
+
+class StorageUnavailable(Exception):
+    """Storage kept refusing or not answering for the whole retry budget."""
 
 
 class Storage(Protocol):
@@ -29,6 +40,9 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
         raise ValueError(f"invalid storage key {key!r}")
     return key
+
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def sign(secret: str, key: str, expires: int) -> str:
@@ -73,7 +87,8 @@ class LocalStorage:
             path = self.path(key)
         except ValueError as exc:
             raise NotFound("no such file") from exc
-        if not hmac.compare_digest(sign(self.secret, key, expires), sig):
+        # compare_digest refuses non-ASCII text (TypeError), so anything but a hex digest is refused first.
+        if not _HEX_DIGEST.fullmatch(sig) or not hmac.compare_digest(sign(self.secret, key, expires), sig):
             raise Forbidden("invalid signature", code="invalid_signature")
         if expires < time.time():
             raise Forbidden("this URL has expired", code="url_expired")
@@ -102,14 +117,16 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.ttl = settings.url_ttl_seconds
-        self.client = boto3.client(
+        # A session of its own: boto3's default session is not safe to share between the API's threads.
+        self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
             region_name=settings.s3_region,
             config=Config(
                 signature_version="s3v4",
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=5,
+                # Few quick tries here: put_with_retry owns the longer backoff, bounded in time.
+                retries={"max_attempts": 2, "mode": "standard"},
+                connect_timeout=3,
                 read_timeout=30,
             ),
         )
@@ -150,6 +167,47 @@ def make_storage(settings: Settings) -> LocalStorage | S3Storage:
 @lru_cache
 def get_storage() -> LocalStorage | S3Storage:
     return make_storage(get_settings())
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error worth retrying: the server is unreachable, timing out, or answering 5xx / SlowDown."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, BotoConnectionError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, ClientError):
+        response: Any = exc.response
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        return status >= 500 or response.get("Error", {}).get("Code") in ("SlowDown", "RequestTimeout")
+    return isinstance(exc, BotoCoreError) and "Connection" in type(exc).__name__
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("storage upload failed (%s); retry %d", type(exc).__name__, state.attempt_number)
+
+
+def put_with_retry(storage: Storage, key: str, data: bytes, content_type: str, *, seconds: float) -> None:
+    """`storage.put`, retried with jittered exponential backoff for up to `seconds` on transient errors.
+
+    A put is idempotent (same key, same bytes) and each object appears whole or not at all, so retrying
+    never leaves a partial object behind. Raises StorageUnavailable once the budget is spent.
+    """
+    retrying = _Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_delay(seconds),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+    try:
+        retrying(storage.put, key, data, content_type)
+    except Exception as exc:
+        if is_transient(exc):
+            message = f"storage did not accept {key} within {seconds:g} s: {type(exc).__name__}"
+            raise StorageUnavailable(message) from exc
+        raise
 
 
 def output_key(job_id: str, index: int, extension: str = "png") -> str:

@@ -26,8 +26,11 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_key(session: Session, tenant_name: str) -> str:
+def create_key(session: Session, tenant_name: str, *, admin: bool = False) -> str:
+    """A new key for the tenant (created if new). `admin` makes the tenant an admin; it never demotes one."""
     tenant = get_or_create_tenant(session, tenant_name)
+    if admin:
+        tenant.is_admin = True
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
     session.flush()
@@ -37,6 +40,10 @@ def create_key(session: Session, tenant_name: str) -> str:
 def authenticate(session: Session, key: str) -> str | None:
     """The tenant id owning this live key, or None."""
     return session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+
+
+def is_admin(session: Session, tenant_id: str) -> bool:
+    return bool(session.scalar(select(Tenant.is_admin).where(Tenant.id == tenant_id)))
 
 
 def revoke_key(session: Session, key: str) -> bool:

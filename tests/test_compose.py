@@ -244,3 +244,20 @@ def test_dockerfile_default_command_is_a_real_darkroom_command() -> None:
     args = json.loads(found.get("ENTRYPOINT", "[]")) + json.loads(found.get("CMD", "[]"))
     assert_darkroom_command(args, "Dockerfile CMD")
     assert args[:2] == ["darkroom", "api"]
+
+
+def test_prometheus_scrapes_the_api_metrics(services: dict[str, dict[str, Any]]) -> None:
+    prometheus = services["prometheus"]
+    config_mount = next(
+        (v for v in prometheus.get("volumes", []) if "prometheus.yml" in (v if isinstance(v, str) else v["target"])),
+        None,
+    )
+    assert config_mount is not None, "prometheus does not mount its config"
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = [
+        (job.get("metrics_path", "/metrics"), target)
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    ]
+    assert ("/metrics", "api:8000") in targets, targets

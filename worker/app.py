@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import (
+    task_failure,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
-from shared import broker, db, reconciler
+from shared import broker, db, logs, reconciler
+from shared.broker import TASK_RUN_JOB
 from shared.settings import get_settings
-from worker import tasks, webhooks
+from worker import failures, status, tasks, webhooks
 from worker.acceleration import configure_compile_cache
 
 app = broker.get_celery()
 tasks.register(app)
 webhooks.register(app)
 _stop_reconciler = None
+log = logging.getLogger("darkroom.worker")
 
 
 @worker_process_init.connect
@@ -29,16 +40,49 @@ def _fresh_connections(**_: object) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    logs.worker.set(status.worker_id())
+    status.start_reporting()
 
 
 @worker_ready.connect
 def _start_reconciler(**_: object) -> None:
     global _stop_reconciler
     _stop_reconciler = reconciler.start_thread()
-    logging.getLogger("darkroom.worker").info("reconciler started")
+    log.info("reconciler started")
 
 
 @worker_shutdown.connect
 def _stop(**_: object) -> None:
     if _stop_reconciler is not None:
         _stop_reconciler.set()
+
+
+def _job_id(sender: Any, args: Any) -> str | None:
+    return str(args[0]) if getattr(sender, "name", None) == TASK_RUN_JOB and args else None
+
+
+@task_prerun.connect
+def _job_started(sender: Any = None, args: Any = None, **_: object) -> None:
+    if job_id := _job_id(sender, args):
+        logs.job_id.set(job_id)
+        status.job_started(job_id)
+
+
+@task_postrun.connect
+def _job_ended(sender: Any = None, args: Any = None, retval: Any = None, **_: object) -> None:
+    if job_id := _job_id(sender, args):
+        status.job_ended(job_id, retval if isinstance(retval, str) else None)
+        logs.job_id.set(None)
+
+
+@task_failure.connect
+def _hard_time_limit(
+    sender: Any = None, task_id: str | None = None, exception: Any = None, args: Any = None, **_: object
+) -> None:
+    # Sent in the main process when Celery killed the pool process that overran the hard limit: nothing
+    # ran the jobs' own failure path, so they are failed here rather than retried as a crash.
+    if _job_id(sender, args) and task_id and isinstance(exception, TimeLimitExceeded):
+        try:
+            failures.fail_after_hard_time_limit(task_id, get_settings().job_hard_time_limit)
+        except Exception:
+            log.exception("could not fail the jobs of task %s after their hard time limit", task_id)

@@ -19,9 +19,10 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from shared import broker
-from shared.db import session_scope
+from shared.db import DB_UNAVAILABLE, session_scope
 from shared.jobs import record_progress_many
 from shared.settings import Settings
+from worker import status
 from worker.acceleration import bucket_for, parse_shapes
 from worker.generate import StopGeneration, generate_batch
 
@@ -100,12 +101,19 @@ class StepHook:
 
     def __call__(self, step: int, total: int) -> None:
         self.drop_canceled()
+        if status.stop_requested():
+            raise StopGeneration("worker shutting down")
         now = time.monotonic()
         live = self.live()
         if live and (step == total or now - self.last_write >= self.interval):
             self.last_write = now
-            with session_scope() as session:
-                ours = record_progress_many(session, {m.job_id: m.attempt for m in live}, step=step, total=total)
+            try:
+                with session_scope() as session:
+                    ours = record_progress_many(session, {m.job_id: m.attempt for m in live}, step=step, total=total)
+            except DB_UNAVAILABLE:
+                # Progress is a nicety: a database outage must not fail the jobs, only leave progress stale.
+                log.warning("progress not recorded: database unavailable")
+                return
             for member in live:
                 if member.job_id not in ours:
                     log.info("job %s is no longer running on this worker", member.job_id)

@@ -10,20 +10,23 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
+from shared import broker
 from shared.broker import TASK_RUN_JOB
-from shared.db import session_scope
-from shared.jobs import fail_job, succeed_job
+from shared.db import retry_unit_of_work, session_scope
+from shared.jobs import fail_job, hand_back, succeed_job
 from shared.registry import get_registry
 from shared.scheduling import claim_jobs, queue_of
 from shared.settings import Settings, get_settings
-from shared.storage import get_storage, output_key
+from shared.storage import StorageUnavailable, get_storage, output_key, put_with_retry
 from shared.tables import Job
+from worker import failures, faults, status
 from worker.batching import Member, StepHook, gather, run_batch
 from worker.generate import StopGeneration, encode_png
 from worker.lease import Heartbeat
@@ -44,6 +47,10 @@ def pipeline_cache() -> PipelineCache:
     return _cache
 
 
+def loaded_models() -> list[str]:
+    return _cache.loaded if _cache is not None else []
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -52,9 +59,15 @@ def run_job(job_id: str) -> str:
     """Run the best queued job of `job_id`'s queue, with compatible jobs gathered into the same call."""
     settings = get_settings()
     me = worker_id()
-    with session_scope() as session:
-        queue = queue_of(session, job_id)
-        claimed = claim_jobs(session, queue, worker_id=me, lease_seconds=settings.lease_seconds) if queue else []
+    # Claims are retried through a database outage: a token lost here would leave its job to the reconciler.
+    queue = retry_unit_of_work(lambda s: queue_of(s, job_id), seconds=settings.db_retry_seconds, what="queue lookup")
+    if queue is None:
+        return "skipped"
+    claimed = retry_unit_of_work(
+        lambda s: claim_jobs(s, queue, worker_id=me, lease_seconds=settings.lease_seconds),
+        seconds=settings.db_retry_seconds,
+        what=f"claim in {queue}",
+    )
     if not claimed:
         return "skipped"  # nothing queued: this token's job ran with an earlier one, or was canceled
     leader = claimed[0]
@@ -83,84 +96,122 @@ def run_job(job_id: str) -> str:
         )
     if job_id != leader.id:
         log.debug("token of job %s ran job %s", job_id, leader.id)
-    return run_members(leader.model, members, settings)
+    failures.remember_running(members, settings)
+    status.state.current_job = leader.id
+    outcomes = run_members(leader.model, leader.queue, members, settings)
+    status.record_outcomes(outcomes)
+    return summary(outcomes)
 
 
 def member_of(job: Job) -> Member:
     return Member(job.id, job.attempts, job.request)
 
 
-def run_members(model: str, members: list[Member], settings: Settings) -> str:
-    """Generate, upload and record a claimed batch; returns its outcome (one word per distinct outcome)."""
+def run_members(model: str, queue: str, members: list[Member], settings: Settings) -> dict[str, str]:
+    """Generate, upload and record a claimed batch; returns each job's outcome."""
     outcomes: dict[str, str] = {}
 
     def fail(targets: list[Member], code: str, message: str) -> None:
-        with session_scope() as session:
+        def write(session: Any) -> None:
             for member in targets:
                 fail_job(session, member.job_id, attempt=member.attempt, code=code, message=message)
-                outcomes[member.job_id] = "failed"
-                log.warning("job %s failed: %s: %s", member.job_id, code, message)
+
+        retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="failure of a batch")
+        for member in targets:
+            outcomes[member.job_id] = "failed"
+            log.warning("job %s failed: %s: %s", member.job_id, code, message)
 
     log.info("running %d jobs (%d images) of %s", len(members), sum(m.images for m in members), model)
     with Heartbeat({m.job_id: m.attempt for m in members}, settings.lease_seconds) as beat:
         spec = get_registry().get(model)
         if spec is None:
             fail(members, "unknown_model", f"model {model!r} is not in this worker's registry")
-            return summary(outcomes)
+            return outcomes
         hook = StepHook(members, settings.progress_interval, beat.lost)
         try:
-            result = run_batch(pipeline_cache().get(spec), members, hook, settings)
+            pipe = faults.wrap(pipeline_cache().get(spec), members[0].request)
+            result = run_batch(pipe, members, hook, settings)
         except StopGeneration as stop:
             log.info("jobs %s stopped: %s", ", ".join(m.job_id for m in members), stop)
-            return "stopped"
+            if status.stop_requested():
+                outcomes.update(hand_back_all(hook.live(), queue))
+            return outcomes or {m.job_id: "stopped" for m in members}
         except ModelTooLarge as exc:
             fail(members, "model_too_large", str(exc))
-            return summary(outcomes)
+            return outcomes
         except SoftTimeLimitExceeded:
             fail(hook.live(), "timeout", f"the job ran past its time limit of {settings.job_soft_time_limit} s")
-            return summary(outcomes)
+            return outcomes
         except Exception as exc:
             log.exception("generation failed")
-            fail(hook.live(), "generation_failed", f"{type(exc).__name__}: {exc}")
-            return summary(outcomes)
+            fail(hook.live(), *failures.describe(exc))
+            return outcomes
 
         by_id = {m.job_id: m for m in members}
         for job_id, message in result.failed.items():
             fail([by_id[job_id]], "generation_failed", message)
-        outcomes.update(record_successes([(by_id[job_id], images) for job_id, images in result.images.items()]))
+        done = [(by_id[job_id], images) for job_id, images in result.images.items()]
+        outcomes.update(record_successes(done, settings, fail))
     for member in members:
         outcomes.setdefault(member.job_id, "stopped")
-    return summary(outcomes)
+    return outcomes
 
 
-def record_successes(done: list[tuple[Member, list[Any]]]) -> dict[str, str]:
-    """Upload each job's images, then mark them all succeeded in one transaction."""
+def record_successes(
+    done: list[tuple[Member, list[Any]]], settings: Settings, fail: Callable[[list[Member], str, str], None]
+) -> dict[str, str]:
+    """Upload each job's images (retried through a storage outage), then mark them succeeded together."""
     storage = get_storage()
     outputs: dict[str, list[dict[str, Any]]] = {}
+    uploaded: list[Member] = []
     for member, images in done:
         outputs[member.job_id] = []
-        for index, image in enumerate(images):
-            key = output_key(member.job_id, index)
-            storage.put(key, encode_png(image), "image/png")
-            outputs[member.job_id].append(
-                {
-                    "key": key,
-                    "width": image.width,
-                    "height": image.height,
-                    "seed": int(member.request["seed"]) + index,
-                    "content_type": "image/png",
-                }
-            )
-    outcomes = {}
-    with session_scope() as session:
-        for member, _ in done:
-            won = succeed_job(session, member.job_id, attempt=member.attempt, outputs=outputs[member.job_id])
-            outcomes[member.job_id] = "succeeded" if won else "discarded"
+        try:
+            for index, image in enumerate(images):
+                key = output_key(member.job_id, index)
+                put_with_retry(storage, key, encode_png(image), "image/png", seconds=settings.storage_retry_seconds)
+                outputs[member.job_id].append(
+                    {
+                        "key": key,
+                        "width": image.width,
+                        "height": image.height,
+                        "seed": int(member.request["seed"]) + index,
+                        "content_type": "image/png",
+                    }
+                )
+        except StorageUnavailable as exc:
+            # Nothing is listed for this job: its outputs appear only with the `succeeded` UPDATE.
+            fail([member], "storage_unavailable", str(exc))
+            continue
+        uploaded.append(member)
+
+    def write(session: Any) -> dict[str, str]:
+        return {
+            m.job_id: "succeeded"
+            if succeed_job(session, m.job_id, attempt=m.attempt, outputs=outputs[m.job_id])
+            else "discarded"
+            for m in uploaded
+        }
+
+    outcomes = retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="results of a batch")
     for job_id, outcome in outcomes.items():
         if outcome == "discarded":
             log.info("job %s finished but was canceled or taken over meanwhile; outputs discarded", job_id)
         else:
             log.info("job %s succeeded with %d images", job_id, len(outputs[job_id]))
+    return outcomes
+
+
+def hand_back_all(members: list[Member], queue: str) -> dict[str, str]:
+    """Graceful shutdown mid-call: the jobs go back to the queue, not counted as attempts, for another worker."""
+    outcomes = {}
+    for member in members:
+        with session_scope() as session:
+            handed = hand_back(session, member.job_id, attempt=member.attempt)
+        if handed:
+            broker.publish_job(member.job_id, queue)
+            log.info("job %s handed back to queue %s (worker shutting down)", member.job_id, queue)
+            outcomes[member.job_id] = "handed_back"
     return outcomes
 
 
