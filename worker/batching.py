@@ -22,7 +22,7 @@ from shared import broker
 from shared.db import DB_UNAVAILABLE, session_scope
 from shared.jobs import record_progress_many
 from shared.settings import Settings
-from worker import status
+from worker import failures, faults, status
 from worker.acceleration import bucket_for, parse_shapes
 from worker.generate import StopGeneration, generate_batch
 
@@ -125,7 +125,9 @@ class StepHook:
 @dataclass
 class BatchResult:
     images: dict[str, list[Image.Image]] = field(default_factory=dict)  # jobs still wanted at the end
-    failed: dict[str, str] = field(default_factory=dict)  # job id -> "ExceptionType: message"
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # job id -> (error code, message)
+    timed_out: str | None = None  # the job whose own call ran into the task's soft time limit
+    unrun: list[Member] = field(default_factory=list)  # jobs the time limit left no time for
 
 
 def run_batch(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) -> BatchResult:
@@ -136,7 +138,9 @@ def run_batch(pipe: Any, members: list[Member], hook: StepHook, settings: Settin
     was dropped before any image was made.
     """
     result = BatchResult()
-    if len(members) > 1 and isinstance(pipe, BATCHABLE):
+    # A test fault armed by one job must fire in that job's call alone, so such batches run job by job.
+    armed = any(faults.requested(m.request) for m in members)
+    if len(members) > 1 and isinstance(pipe, BATCHABLE) and not armed:
         try:
             result.images = _keep_live(hook, members, _call(pipe, members, hook, settings))
             return result
@@ -144,24 +148,31 @@ def run_batch(pipe: Any, members: list[Member], hook: StepHook, settings: Settin
             raise
         except Exception:
             log.warning("batched call of %d jobs failed; running them one by one", len(members), exc_info=True)
-    for member in members:
+    for index, member in enumerate(members):
         if member.job_id in hook.dropped:
             continue
         try:
-            result.images.update(_keep_live(hook, [member], _call(pipe, [member], hook.only([member]), settings)))
+            call = _call(faults.wrap(pipe, member.request), [member], hook.only([member]), settings)
+            result.images.update(_keep_live(hook, [member], call))
         except StopGeneration:
             continue
         except SoftTimeLimitExceeded:
-            raise
+            # Only this job overran; the ones after it never started and go back to the queue.
+            result.timed_out = member.job_id
+            result.unrun = [m for m in members[index + 1 :] if m.job_id not in hook.dropped]
+            break
         except Exception as exc:
             log.exception("job %s: generation failed", member.job_id)
-            result.failed[member.job_id] = f"{type(exc).__name__}: {exc}"
-    if not result.images and not result.failed:
+            result.failed[member.job_id] = failures.describe(exc)
+    if not result.images and not result.failed and result.timed_out is None:
         raise StopGeneration("every job of this batch was canceled or taken over")
     return result
 
 
 def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) -> list[list[Image.Image]]:
+    # If the hard time limit kills this process mid-call, only these jobs are failed with `timeout`;
+    # the batch's others still queued behind them are taken back by lease expiry.
+    failures.remember_running(members, settings)
     first = members[0].request
     images = sum(m.images for m in members)
     pad_to = 0

@@ -26,7 +26,7 @@ from shared.scheduling import claim_jobs, queue_of
 from shared.settings import Settings, get_settings
 from shared.storage import StorageUnavailable, get_storage, output_key, put_with_retry
 from shared.tables import Job
-from worker import failures, faults, status
+from worker import failures, status
 from worker.batching import Member, StepHook, gather, run_batch
 from worker.generate import StopGeneration, encode_png
 from worker.lease import Heartbeat
@@ -96,7 +96,6 @@ def run_job(job_id: str) -> str:
         )
     if job_id != leader.id:
         log.debug("token of job %s ran job %s", job_id, leader.id)
-    failures.remember_running(members, settings)
     status.state.current_job = leader.id
     outcomes = run_members(leader.model, leader.queue, members, settings)
     status.record_outcomes(outcomes)
@@ -122,6 +121,8 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
             log.warning("job %s failed: %s: %s", member.job_id, code, message)
 
     log.info("running %d jobs (%d images) of %s", len(members), sum(m.images for m in members), model)
+    for member in members:
+        log.info("job %s started (attempt %d)", member.job_id, member.attempt)
     with Heartbeat({m.job_id: m.attempt for m in members}, settings.lease_seconds) as beat:
         spec = get_registry().get(model)
         if spec is None:
@@ -129,8 +130,7 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
             return outcomes
         hook = StepHook(members, settings.progress_interval, beat.lost)
         try:
-            pipe = faults.wrap(pipeline_cache().get(spec), members[0].request)
-            result = run_batch(pipe, members, hook, settings)
+            result = run_batch(pipeline_cache().get(spec), members, hook, settings)
         except StopGeneration as stop:
             log.info("jobs %s stopped: %s", ", ".join(m.job_id for m in members), stop)
             if status.stop_requested():
@@ -148,8 +148,12 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
             return outcomes
 
         by_id = {m.job_id: m for m in members}
-        for job_id, message in result.failed.items():
-            fail([by_id[job_id]], "generation_failed", message)
+        for job_id, (code, message) in result.failed.items():
+            fail([by_id[job_id]], code, message)
+        if result.timed_out is not None:
+            limit = settings.job_soft_time_limit
+            fail([by_id[result.timed_out]], "timeout", f"the job ran past its time limit of {limit} s")
+            outcomes.update(hand_back_all(result.unrun, queue))
         done = [(by_id[job_id], images) for job_id, images in result.images.items()]
         outcomes.update(record_successes(done, settings, fail))
     for member in members:
