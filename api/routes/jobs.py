@@ -43,8 +43,8 @@ def _read(job_id: str, tenant_id: str) -> JobRead:
         return to_read(jobs.get_job(session, job_id, tenant_id), session)
 
 
-def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[str, bool]:
-    """Create and publish the job, or find the one this idempotency key made. Returns (job id, replayed)."""
+def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, bool]:
+    """Create and publish the job, or find the one this idempotency key made. Returns (job, replayed)."""
     # 1. Validate everything first: an invalid request does not use up its idempotency key.
     settings = get_settings()
     spec, request = body.normalise(get_registry(), settings.default_model)
@@ -55,7 +55,7 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[str, bool
         fingerprint = idempotency.fingerprint("POST", "/v1/jobs", body.model_dump(mode="json", exclude_unset=True))
         replay = idempotency.claim(tenant_id, key, fingerprint)
         if replay is not None and replay.job_id is not None:
-            return replay.job_id, True
+            return _read(replay.job_id, tenant_id), True
     # 3. The job and the completed key commit together: a key never points at a job that does not exist.
     try:
         with session_scope() as session:
@@ -72,6 +72,9 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[str, bool
             )
             if key is not None:
                 idempotency.complete(session, tenant_id, key, status=202, body=None, job_id=job.id)
+            # Rendered inside the creating transaction: once it commits, the answer is a 202 whatever the
+            # database does next, so a client is never told "refused" about a job that exists.
+            created = to_read(job, session)
     except BaseException:
         if key is not None:
             with contextlib.suppress(Exception):
@@ -83,7 +86,7 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[str, bool
         broker.publish_job(job.id, job.queue)
     except Exception as exc:
         log.warning("publishing job %s failed (%s); the reconciler will retry", job.id, type(exc).__name__)
-    return job.id, False
+    return created, False
 
 
 PREFER_DESCRIPTION = (
@@ -113,12 +116,13 @@ async def create_job(
     prefer: Annotated[str | None, Header(alias="Prefer", description=PREFER_DESCRIPTION, examples=["wait=30"])] = None,
 ) -> JobRead:
     """Submit a job; it is queued at once and runs on the next free worker for its model."""
-    job_id, replayed = await run_in_threadpool(_submit, body, tenant_id, idempotency_key)
+    job, replayed = await run_in_threadpool(_submit, body, tenant_id, idempotency_key)
     wait = live.prefer_wait(prefer)
     if wait is not None:
-        await live.wait_for_terminal(job_id, wait)
+        await live.wait_for_terminal(job.id, wait)
         response.headers["Preference-Applied"] = f"wait={wait}"
-    job = await run_in_threadpool(_read, job_id, tenant_id)
+        with contextlib.suppress(Exception):  # the job exists: a failed re-read still answers with it
+            job = await run_in_threadpool(_read, job.id, tenant_id)
     if replayed:
         response.headers[REPLAYED_HEADER] = "true"
     if replayed or (wait is not None and job.status in jobs.TERMINAL):
