@@ -99,9 +99,9 @@ def test_a_batch_respects_the_image_budget(darkroom_env: dict[str, Any]) -> None
     assert claim(max_jobs=8, max_images=8, key=key) == [jobs[0], jobs[2]]  # 5 + 3; the 4 waits
 
 
+# PostgreSQL only: SQLite has one writer at a time, so claims there are serial by construction.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_concurrent_claims_skip_each_others_rows(darkroom_env: dict[str, Any]) -> None:
-    if darkroom_env["DARKROOM_DATABASE_URL"].startswith("sqlite"):
-        pytest.skip("SQLite has one writer at a time: claims there are serial by construction")
     jobs = [submit("tenant-a") for _ in range(2)]
     with session_scope() as first, session_scope() as second:
         mine = claim_jobs(first, QUEUE, worker_id="w1", lease_seconds=30)
