@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routes import files, health, jobs, models
+from api.routes import files, health, jobs, models, uploads
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -21,7 +21,7 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="darkroom", version="1", description=DESCRIPTION)
     errors.install(app)
-    for module in (jobs, models, health, files):
+    for module in (jobs, models, uploads, health, files):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

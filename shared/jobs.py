@@ -64,9 +64,11 @@ def create_job(
     queue: str,
     request: dict[str, Any],
     metadata: dict[str, Any] | None,
+    job_id: str | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
+        **({"id": job_id} if job_id else {}),
         tenant_id=tenant_id,
         status=QUEUED,
         model=model,

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from worker.inputs import effective_steps, pipe_kwargs_for
+
 
 class StopGeneration(Exception):
     """Raised from the step hook to abandon a job mid-denoising (canceled, or taken over by another worker).
@@ -23,8 +25,13 @@ def generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
 
 
-def generate(pipe: Any, request: dict[str, Any], on_step: Callable[[int, int], None]) -> list[Image.Image]:
-    total = int(request["steps"])
+def generate(
+    pipe: Any,
+    request: dict[str, Any],
+    on_step: Callable[[int, int], None],
+    inputs: dict[str, Image.Image] | None = None,
+) -> list[Image.Image]:
+    total = effective_steps(request)
     count = int(request["num_images"])
 
     def step_end(_pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -36,13 +43,12 @@ def generate(pipe: Any, request: dict[str, Any], on_step: Callable[[int, int], N
         result = pipe(
             prompt=[request["prompt"]] * count,
             negative_prompt=[negative] * count if negative else None,
-            width=int(request["width"]),
-            height=int(request["height"]),
-            num_inference_steps=total,
+            num_inference_steps=int(request["steps"]),
             guidance_scale=float(request["guidance_scale"]),
             generator=generators(int(request["seed"]), count),
             output_type="pil",
             callback_on_step_end=step_end,
+            **pipe_kwargs_for(request, inputs or {}),
         )
     return list(result.images)
 

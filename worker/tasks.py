@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import time
-from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
@@ -21,10 +20,14 @@ from shared.db import session_scope
 from shared.jobs import claim_job, fail_job, record_progress, succeed_job
 from shared.registry import get_registry
 from shared.settings import get_settings
-from shared.storage import get_storage, output_key
-from worker.generate import StopGeneration, encode_png, generate
+from shared.storage import get_storage
+from worker.generate import StopGeneration, generate
+from worker.inputs import load_inputs
 from worker.lease import Heartbeat
+from worker.outputs import store_outputs
 from worker.pipelines import PipelineCache, resolve_device
+from worker.safety import nsfw_flags
+from worker.variants import prepare_pipeline, sampler_name
 
 log = logging.getLogger("darkroom.worker")
 
@@ -83,8 +86,10 @@ def run_job(job_id: str) -> str:
         if spec is None:
             return fail("unknown_model", f"model {job.model!r} is not in this worker's registry")
         try:
-            pipe = pipeline_cache().get(spec)
-            images = generate(pipe, request, StepHook(job_id, attempt, settings.progress_interval))
+            base = pipeline_cache().get(spec)
+            pipe = prepare_pipeline(base, request)  # the task's pipeline, scheduler and LoRAs over base's modules
+            images = generate(pipe, request, StepHook(job_id, attempt, settings.progress_interval), load_inputs(request))
+            nsfw = nsfw_flags(base, images)
         except StopGeneration as stop:
             log.info("job %s stopped: %s", job_id, stop)
             return "stopped"
@@ -94,20 +99,9 @@ def run_job(job_id: str) -> str:
             log.exception("job %s: generation failed", job_id)
             return fail("generation_failed", f"{type(exc).__name__}: {exc}")
 
-        outputs: list[dict[str, Any]] = []
-        storage = get_storage()
-        for index, image in enumerate(images):
-            key = output_key(job_id, index)
-            storage.put(key, encode_png(image), "image/png")
-            outputs.append(
-                {
-                    "key": key,
-                    "width": image.width,
-                    "height": image.height,
-                    "seed": int(request["seed"]) + index,
-                    "content_type": "image/png",
-                }
-            )
+        if any(nsfw) and request.get("nsfw", "withhold") == "withhold":
+            return fail("content_policy", "the model's safety checker flagged the output, so it was withheld")
+        outputs = store_outputs(get_storage(), job_id, request, images, nsfw, sampler=sampler_name(pipe, request))
         with session_scope() as session:
             won = succeed_job(session, job_id, attempt=attempt, outputs=outputs)
     if not won:

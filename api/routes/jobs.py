@@ -13,14 +13,16 @@ from fastapi import APIRouter, Query
 
 from api.deps import SessionDep, TenantDep
 from api.errors import responses
+from api.generation import read_inputs, store_inputs
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
 from shared import broker, jobs
 from shared.db import session_scope
 from shared.errors import InvalidRequest
+from shared.policy import check_prompt, policy_for
 from shared.registry import get_registry
 from shared.settings import get_settings
 from shared.storage import get_storage
-from shared.tables import Job
+from shared.tables import Job, Tenant, new_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("darkroom.api")
@@ -29,7 +31,11 @@ log = logging.getLogger("darkroom.api")
 def to_read(job: Job) -> JobRead:
     storage = get_storage()
     outputs = [
-        {"url": storage.url(o["key"]), **{k: o[k] for k in ("width", "height", "seed", "content_type")}}
+        {
+            "url": storage.url(o["key"]),
+            "nsfw": o.get("nsfw", False),
+            **{k: o[k] for k in ("width", "height", "seed", "content_type")},
+        }
         for o in job.outputs or []
     ]
     progress = None
@@ -57,10 +63,21 @@ def to_read(job: Job) -> JobRead:
 def create_job(body: JobCreate, tenant_id: TenantDep) -> JobRead:
     """Submit a job; it is queued at once and runs on the next free worker for its model."""
     settings = get_settings()
-    spec, request = body.normalise(get_registry(), settings.default_model)
+    # Cheap refusals first: the content policy, then input images (fetched and decoded here, so a bad
+    # image is a 422 now rather than a failed job later), then the model's limits.
+    with session_scope() as session:
+        tenant_name = session.get_one(Tenant, tenant_id).name
+    policy = policy_for(tenant_name)
+    check_prompt(policy, tenant_name, {"prompt": body.prompt, "negative_prompt": body.negative_prompt})
+    inputs = read_inputs(body.image, body.mask, tenant_id)
+    spec, request = body.normalise(get_registry(), settings.default_model, input_size=inputs.size)
+    request["nsfw"] = policy.nsfw
+    job_id = new_id()
+    store_inputs(get_storage(), job_id, inputs, request)
     with session_scope() as session:
         job = jobs.create_job(
             session,
+            job_id=job_id,
             tenant_id=tenant_id,
             model=spec.name,
             queue=broker.queue_for_model(spec.name),
