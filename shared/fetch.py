@@ -57,8 +57,6 @@ def resolve_checked(url: str, field: str, policy: FetchPolicy) -> tuple[str, str
     if parts.username or parts.password:
         raise InvalidRequest(f"{field}: URLs with credentials are not accepted")
     allowed = f"{host}:{port}" in policy.allow_hosts
-    if scheme == "http" and not allowed:
-        raise InvalidRequest(f"{field}: only https:// URLs are accepted")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -68,6 +66,8 @@ def resolve_checked(url: str, field: str, policy: FetchPolicy) -> tuple[str, str
         for address in addresses:
             if not _public(address):
                 raise InvalidRequest(f"{field}: host {host!r} resolves to a non-public address ({address}); refused")
+    if scheme == "http" and not allowed:
+        raise InvalidRequest(f"{field}: only https:// URLs are accepted")
     return scheme, host, port, addresses[0]
 
 
