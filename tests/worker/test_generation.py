@@ -6,10 +6,12 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -152,3 +154,57 @@ def test_outputs_carry_parameters_provenance_and_a_watermark(
         assert has_watermark(image)
     read = client.get("/v1/jobs/" + job_id, headers=auth).json()
     assert read["outputs"][0]["content_type"] == f"image/{fmt}" and read["outputs"][0]["nsfw"] is False
+
+
+class FlagEverything(torch.nn.Module):
+    """A deterministic stand-in for StableDiffusionSafetyChecker with its call signature: flags every image."""
+
+    def forward(self, images: Any, clip_input: Any) -> tuple[Any, list[bool]]:
+        images[:] = 0  # the stock checker blacks out what it flags; darkroom must not return that copy
+        return images, [True] * len(images)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_safety_checker_hit_is_withheld_or_flagged_per_tenant(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from shared.registry import get_registry
+    from tests.support import reset_caches
+
+    policy = tmp_path / "tenants.toml"
+    policy.write_text('[tenants.lenient]\nnsfw = "flag"\n')
+    monkeypatch.setenv("DARKROOM_TENANT_POLICY_FILE", str(policy))
+    reset_caches()
+    with session_scope() as session:
+        strict = {"Authorization": f"Bearer {create_key(session, 'strict')}"}
+        lenient = {"Authorization": f"Bearer {create_key(session, 'lenient')}"}
+    unflagged = run(client, strict)[0]
+    base = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    base.register_modules(safety_checker=FlagEverything())
+    try:
+        response = client.post("/v1/jobs", json={"prompt": "a lighthouse", "steps": 3, "seed": 3}, headers=strict)
+        job_id = response.json()["id"]
+        assert tasks.run_job(job_id) == "failed"
+        with session_scope() as session:
+            job = get_job(session, job_id)
+        assert job.error_code == "content_policy" and not job.outputs
+        flagged = run(client, lenient)[0]
+        response = client.get("/v1/jobs", headers=lenient).json()["data"][0]
+        assert response["outputs"][0]["nsfw"] is True
+        np.testing.assert_array_equal(pixels(flagged), pixels(unflagged))  # returned as made, not blacked out
+    finally:
+        base.register_modules(safety_checker=None)
+
+
+def test_the_watermark_survives_a_jpeg_re_encode_at_quality_90() -> None:
+    from worker.watermark import apply_watermark, watermark_bits_matching
+
+    rng = np.random.default_rng(0)
+    scene = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).resize((320, 256), Image.BICUBIC)
+    marked = apply_watermark(scene)
+    assert np.abs(pixels(marked) - pixels(scene)).mean() < 5  # invisible: a few levels of 255 on average
+    buffer = io.BytesIO()
+    marked.save(buffer, format="JPEG", quality=90)
+    reencoded = Image.open(io.BytesIO(buffer.getvalue()))
+    assert has_watermark(reencoded), watermark_bits_matching(reencoded)
+    assert not has_watermark(scene)
