@@ -77,7 +77,9 @@ def read_inputs(image: str | None, mask: str | None, tenant_id: str) -> Inputs:
         inputs.mask = decode_image(_read_bytes(mask, "mask", tenant_id), "mask", max_pixels=max_pixels, mode="L")
         if inputs.image is not None and inputs.mask.size != inputs.image.size:
             w, h = inputs.image.size
-            raise InvalidRequest(f"mask: must be the size of image ({w}x{h}), got {inputs.mask.width}x{inputs.mask.height}")
+            raise InvalidRequest(
+                f"mask: must be the size of image ({w}x{h}), got {inputs.mask.width}x{inputs.mask.height}"
+            )
     return inputs
 
 
@@ -127,7 +129,9 @@ def generation_fields(
         fields["scale"] = scale or 2
         fields["strength"] = float(strength if strength is not None else spec.upscale_strength)
     if scheduler is not None and scheduler not in spec.schedulers:
-        raise InvalidRequest(f"scheduler: {scheduler!r} is not allowed for {spec.name}; use {', '.join(spec.schedulers)}")
+        raise InvalidRequest(
+            f"scheduler: {scheduler!r} is not allowed for {spec.name}; use {', '.join(spec.schedulers)}"
+        )
     fields["scheduler"] = scheduler or spec.default_scheduler
     chosen: list[dict[str, Any]] = []
     for ref in loras or []:

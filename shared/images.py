@@ -35,12 +35,12 @@ def decode_image(data: bytes, field: str, *, max_pixels: int, mode: str = "RGB")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own cap (far above ours) tripped on the header: refused for the same reason as below.
         raise InvalidRequest(f"{field}: image is over the limit of {max_pixels} pixels") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidRequest(f"{field}: not a readable image ({ ', '.join(ALLOWED_FORMATS)} accepted)") from exc
+        raise InvalidRequest(f"{field}: not a readable image ({', '.join(ALLOWED_FORMATS)} accepted)") from exc
     except Exception as exc:
         raise InvalidRequest(f"{field}: not a readable image ({type(exc).__name__})") from exc
     # 2. Refuse what we do not decode, and what would decode into too many pixels.

@@ -46,7 +46,7 @@ def _compile(terms: list[str], patterns: list[str]) -> tuple[re.Pattern[str], ..
 def _nsfw(value: Any, where: str) -> NsfwAction:
     if value not in ("withhold", "flag"):
         raise ValueError(f"{where}: nsfw must be 'withhold' or 'flag', got {value!r}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 @lru_cache

@@ -14,12 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.settings import get_settings
 
-
 Task = Literal["txt2img", "img2img", "inpaint", "upscale"]
-TASKS: tuple[str, ...] = get_args(Task)
+TASKS: tuple[Task, ...] = get_args(Task)
 # Stable public names; the worker maps each to a diffusers scheduler class and options.
 Scheduler = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "lcm"]
-SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+SCHEDULERS: tuple[Scheduler, ...] = get_args(Scheduler)
 
 
 class LoraSpec(BaseModel):

@@ -88,7 +88,9 @@ def run_job(job_id: str) -> str:
         try:
             base = pipeline_cache().get(spec)
             pipe = prepare_pipeline(base, request)  # the task's pipeline, scheduler and LoRAs over base's modules
-            images = generate(pipe, request, StepHook(job_id, attempt, settings.progress_interval), load_inputs(request))
+            images = generate(
+                pipe, request, StepHook(job_id, attempt, settings.progress_interval), load_inputs(request)
+            )
             nsfw = nsfw_flags(base, images)
         except StopGeneration as stop:
             log.info("job %s stopped: %s", job_id, stop)

@@ -49,7 +49,7 @@ SAMPLER_NAMES = {
 _loaded: dict[int, set[str]] = {}
 
 
-def make_scheduler(config: Any, name: str | None, default_class: type) -> Any:
+def make_scheduler(config: Any, name: str | None, default_class: Any) -> Any:
     """A new scheduler instance: `name`'s class, or the model's own, configured from the model's config."""
     if name is None:
         return default_class.from_config(config)

@@ -54,5 +54,5 @@ def list_models(_: TenantDep) -> ModelList:
                 },
             )
             for m in registry.models.values()
-        ]
+        ],
     )

@@ -133,7 +133,9 @@ def test_redirects_are_checked_like_the_first_url(api: TestClient, auth: dict[st
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_bad_images_are_refused_before_decoding(api: TestClient, auth: dict[str, str]) -> None:
     # Over our cap (5000x5000: below Pillow's own), and far over Pillow's too: both refused from the header.
-    refused(submit(api, auth, task="img2img", image=data_uri(bomb(5000))), "image", "5000x5000 pixels is over the limit")
+    refused(
+        submit(api, auth, task="img2img", image=data_uri(bomb(5000))), "image", "5000x5000 pixels is over the limit"
+    )
     refused(submit(api, auth, task="img2img", image=data_uri(bomb(30000))), "image", "over the limit")
     refused(submit(api, auth, task="img2img", image=data_uri(png_bytes(fmt="GIF"), "gif")), "image", "GIF")
     refused(submit(api, auth, task="img2img", image=data_uri(png_bytes(fmt="BMP"), "bmp")), "image", "BMP")
@@ -207,7 +209,12 @@ def test_the_content_policy_refuses_and_counts(
     before = refusals("strict")
     refused(submit(api, strict, prompt="GORE everywhere"), "prompt", "content policy", code="content_policy")
     refused(submit(api, strict, prompt="a castle"), "prompt", "content policy", code="content_policy")
-    refused(submit(api, strict, prompt="x", negative_prompt="Sea  Monster"), "negative_prompt", "content policy", code="content_policy")
+    refused(
+        submit(api, strict, prompt="x", negative_prompt="Sea  Monster"),
+        "negative_prompt",
+        "content policy",
+        code="content_policy",
+    )
     assert refusals("strict") == before + 3
     assert submit(api, strict, prompt="a gorge at dusk").status_code == 202  # whole words only
     assert submit(api, relaxed, prompt="a castle").status_code == 202
