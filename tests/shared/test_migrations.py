@@ -15,7 +15,7 @@ from shared.db import Base
 from shared.migrate import alembic_config, downgrade, upgrade
 from tests.support import create_pg_database, drop_pg_database
 
-TABLES = {"tenants", "api_keys", "jobs"}
+TABLES = {"tenants", "api_keys", "jobs", "uploads"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
