@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[worker,dev]"
+	# Without its opencv-python (GUI) dependency: the worker extra brings opencv-python-headless.
+	$(PY) -m pip install -q --no-deps "invisible-watermark>=0.2,<0.3"
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from api import errors
 from api.context import RequestContext
 from api.limits import BodySizeLimit
-from api.routes import admin, events, files, health, jobs, metrics, models, webhooks
+from api.routes import admin, events, files, health, jobs, metrics, models, uploads, webhooks
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -26,7 +26,7 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="darkroom", version="1", description=DESCRIPTION)
     errors.install(app)
-    for module in (jobs, events, webhooks, models, health, files, admin, metrics):
+    for module in (jobs, events, webhooks, models, uploads, health, files, admin, metrics):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost, so the request id is known to every log line and echoed on every response, refusals too.

@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.generation import MAX_LORAS, LoraRef, OutputFormat, check_task_fields, default_size, generation_fields
 from shared.errors import InvalidRequest
-from shared.registry import ModelSpec, Registry
+from shared.registry import ModelSpec, Registry, Scheduler, Task
 
 MAX_METADATA_BYTES = 4096
 MAX_SEED = 2**32 - 1
@@ -20,7 +21,7 @@ WebhookEvent = Literal["started", "progress", "succeeded", "failed", "canceled"]
 
 
 class JobCreate(BaseModel):
-    """A text-to-image job. Omitted fields take the model's defaults (see GET /v1/models)."""
+    """A generation job (txt2img, img2img, inpaint, upscale). Omitted fields take the model's defaults."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -65,6 +66,17 @@ class JobCreate(BaseModel):
         min_length=1,
         description="Events to send to `webhook_url`; default the terminal ones: succeeded, failed, canceled.",
     )
+    task: Task = Field("txt2img", description="txt2img, img2img, inpaint or upscale.")
+    image: str | None = Field(
+        None, max_length=2_000_000, description="Input image: an https:// URL, a data: URI, or a POST /v1/uploads key."
+    )
+    mask: str | None = Field(None, max_length=2_000_000, description="inpaint: white repaints, black keeps. Same size.")
+    strength: float | None = Field(None, gt=0, le=1, description="img2img/inpaint/upscale: how much to change, 0-1.")
+    scale: Literal[2, 4] | None = Field(None, description="upscale: 2 or 4.")
+    scheduler: Scheduler | None = Field(None, description="Sampler by name; the model's default when omitted.")
+    loras: list[LoraRef] | None = Field(None, max_length=MAX_LORAS, description="LoRAs from GET /v1/models.")
+    output_format: OutputFormat = Field("png", description="png, jpeg or webp.")
+    quality: int | None = Field(None, ge=1, le=100, description="jpeg/webp quality, default 90.")
 
     @field_validator("prompt")
     @classmethod
@@ -80,7 +92,9 @@ class JobCreate(BaseModel):
             raise ValueError(f"must serialise to at most {MAX_METADATA_BYTES} bytes of JSON")
         return value
 
-    def normalise(self, registry: Registry, default_model: str) -> tuple[ModelSpec, dict[str, Any]]:
+    def normalise(
+        self, registry: Registry, default_model: str, input_size: tuple[int, int] | None = None
+    ) -> tuple[ModelSpec, dict[str, Any]]:
         """Resolve defaults against the model and check its limits; the result is what the worker runs."""
         name = self.model or default_model
         spec = registry.get(name)
@@ -88,8 +102,12 @@ class JobCreate(BaseModel):
             raise InvalidRequest(
                 f"model: unknown model {name!r}; available: {', '.join(registry.names)}", code="unknown_model"
             )
-        width = self.width if self.width is not None else spec.default_width
-        height = self.height if self.height is not None else spec.default_height
+        check_task_fields(self.task, spec, self.model_dump(include={"image", "mask", "strength", "scale"}))
+        implied = default_size(self.task, input_size, self.scale)
+        if self.task == "upscale" and (self.width is not None or self.height is not None):
+            raise InvalidRequest("width: upscale jobs take their size from image and scale")
+        width = self.width if self.width is not None else implied[0] if implied else spec.default_width
+        height = self.height if self.height is not None else implied[1] if implied else spec.default_height
         for field, value, limit in (("width", width, spec.max_width), ("height", height, spec.max_height)):
             if value % 8:
                 raise InvalidRequest(f"{field}: must be a multiple of 8, got {value}")
@@ -105,7 +123,7 @@ class JobCreate(BaseModel):
         if seed + self.num_images - 1 > MAX_SEED:
             raise InvalidRequest(f"seed: seed + num_images - 1 must not exceed {MAX_SEED}")
         request = {
-            "task": "txt2img",
+            "task": self.task,
             "model": name,
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
@@ -116,6 +134,17 @@ class JobCreate(BaseModel):
             "seed": seed,
             "num_images": self.num_images,
         }
+        request |= generation_fields(
+            spec=spec,
+            registry=registry,
+            task=self.task,
+            strength=self.strength,
+            scale=self.scale,
+            scheduler=self.scheduler,
+            loras=self.loras,
+            output_format=self.output_format,
+            quality=self.quality,
+        )
         return spec, request
 
 
@@ -130,6 +159,7 @@ class Output(BaseModel):
     height: int
     seed: int
     content_type: str
+    nsfw: bool = Field(False, description="The model's safety checker flagged it (tenants set to `flag` only).")
 
 
 class JobError(BaseModel):
@@ -199,8 +229,24 @@ class ModelRead(BaseModel):
     limits: dict[str, Any]
 
 
+class LoraRead(BaseModel):
+    name: str
+    families: list[str]
+    description: str
+    default_scale: float
+    max_scale: float
+
+
 class ModelList(BaseModel):
     data: list[ModelRead]
+    loras: list[LoraRead] = Field(default_factory=list, description="LoRAs jobs may name in `loras`.")
+
+
+class UploadRead(BaseModel):
+    key: str = Field(description="Pass as `image` or `mask` of a job (yours only).")
+    width: int
+    height: int
+    expires_at: datetime
 
 
 class ErrorBody(BaseModel):

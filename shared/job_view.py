@@ -73,7 +73,11 @@ def job_view(session: Session | None, job: Job) -> dict[str, Any]:
     """The JSON-ready dict of `JobRead`. With a session, a queued job also gets its position and ETA."""
     storage = get_storage()
     outputs = [
-        {"url": storage.url(o["key"]), **{k: o[k] for k in ("width", "height", "seed", "content_type")}}
+        {
+            "url": storage.url(o["key"]),
+            "nsfw": o.get("nsfw", False),
+            **{k: o[k] for k in ("width", "height", "seed", "content_type")},
+        }
         for o in job.outputs or []
     ]
     progress = None

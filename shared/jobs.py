@@ -72,9 +72,11 @@ def create_job(
     webhook_events: list[str] | None = None,
     priority: int = 1,
     batch_key: str | None = None,
+    job_id: str | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
+        **({"id": job_id} if job_id else {}),
         tenant_id=tenant_id,
         status=QUEUED,
         model=model,

@@ -8,11 +8,31 @@ from __future__ import annotations
 import tomllib
 from functools import lru_cache
 from importlib.resources import files
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.settings import get_settings
+
+Task = Literal["txt2img", "img2img", "inpaint", "upscale"]
+TASKS: tuple[Task, ...] = get_args(Task)
+# Stable public names; the worker maps each to a diffusers scheduler class and options.
+Scheduler = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "lcm"]
+SCHEDULERS: tuple[Scheduler, ...] = get_args(Scheduler)
+
+
+class LoraSpec(BaseModel):
+    """A LoRA jobs may name in `loras`: safetensors from a local path, a hub id, or `builtin:<name>`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    source: str = Field(description="Local .safetensors file or directory, hub id, or `builtin:<name>`.")
+    weight_name: str | None = Field(None, description="File inside a directory or hub repo.")
+    families: list[Literal["sd1", "sd2", "sdxl"]] = Field(description="Model families it was trained for.")
+    description: str = ""
+    default_scale: float = 1.0
+    max_scale: float = 2.0
 
 
 class ModelSpec(BaseModel):
@@ -32,6 +52,12 @@ class ModelSpec(BaseModel):
     max_steps: int = 100
     default_guidance: float = 7.5
     max_guidance: float = 30.0
+    tasks: list[Task] = Field(default_factory=lambda: list(TASKS), description="Job types this model serves.")
+    default_scheduler: Scheduler | None = Field(None, description="Scheduler when a job names none (else the model's).")
+    schedulers: list[Scheduler] = Field(default_factory=lambda: list(SCHEDULERS), description="Schedulers allowed.")
+    default_strength: float = Field(0.75, gt=0, le=1, description="img2img/inpaint strength when a job names none.")
+    upscale_strength: float = Field(0.3, gt=0, le=1, description="Strength of the img2img refine pass of `upscale`.")
+    upscaler: str | None = Field(None, description="A registry model (x4 or latent upscaler) `upscale` jobs use.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -45,6 +71,7 @@ class ModelSpec(BaseModel):
 
 class Registry(BaseModel):
     models: dict[str, ModelSpec]
+    loras: dict[str, LoraSpec] = Field(default_factory=dict)
 
     def get(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
@@ -55,8 +82,11 @@ class Registry(BaseModel):
 
 
 def parse_registry(text: str) -> Registry:
-    raw = tomllib.loads(text).get("models", {})
-    return Registry(models={name: ModelSpec(name=name, **entry) for name, entry in raw.items()})
+    data = tomllib.loads(text)
+    return Registry(
+        models={name: ModelSpec(name=name, **entry) for name, entry in data.get("models", {}).items()},
+        loras={name: LoraSpec(name=name, **entry) for name, entry in data.get("loras", {}).items()},
+    )
 
 
 @lru_cache

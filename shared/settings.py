@@ -144,6 +144,33 @@ class Settings(BaseSettings):
         description="Comma-separated faults a job can trigger (`crash`, `oom`, `hang`); honoured only when "
         "DARKROOM_ENV=test. See worker/faults.py.",
     )
+    max_input_pixels: int = Field(
+        16_777_216,
+        ge=64 * 64,
+        description="Largest input image (width x height) accepted; checked on the header before decoding.",
+    )
+    max_input_bytes: int = Field(10_485_760, ge=1, description="Largest input image file (upload or URL fetch).")
+    upload_ttl_seconds: int = Field(86_400, ge=60, description="How long a `POST /v1/uploads` key stays usable.")
+    fetch_timeout: float = Field(10.0, gt=0, description="Seconds an input image URL fetch may take in all.")
+    fetch_allow_hosts: list[str] = Field(
+        [],
+        description="`host:port` pairs image URLs may fetch from although private (and over http); "
+        "for tests and internal mirrors. Redirect targets are still checked.",
+    )
+    policy_deny_terms: list[str] = Field(
+        [], description="Prompt words or phrases refused for every tenant (case-insensitive, whole words)."
+    )
+    policy_deny_patterns: list[str] = Field(
+        [], description="Regular expressions refused in prompts for every tenant (case-insensitive)."
+    )
+    tenant_policy_file: Path | None = Field(
+        None, description="TOML with per-tenant `[tenants.<name>]` deny_terms, deny_patterns and `nsfw`."
+    )
+    nsfw_action: str = Field(
+        "withhold",
+        description="What a safety-checker hit does by default: `withhold` (job fails with `content_policy`) "
+        "or `flag` (image returned with `nsfw: true`).",
+    )
 
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:

@@ -30,6 +30,7 @@ class StorageUnavailable(Exception):
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def get(self, key: str) -> bytes: ...
     def url(self, key: str) -> str: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def ping(self) -> None: ...
@@ -75,6 +76,10 @@ class LocalStorage:
             # A failed write (disk full, file too large) must not leave its half file behind.
             os.unlink(tmp)
             raise
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError if there is none."""
+        return self.path(key).read_bytes()
 
     def url(self, key: str) -> str:
         expires = int(time.time()) + self.ttl
@@ -137,6 +142,14 @@ class S3Storage:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError if there is none."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+        except self.client.exceptions.NoSuchKey as exc:
+            raise FileNotFoundError(key) from exc
+        return bytes(response["Body"].read())
 
     def url(self, key: str) -> str:
         return self.client.generate_presigned_url(
@@ -213,3 +226,8 @@ def put_with_retry(storage: Storage, key: str, data: bytes, content_type: str, *
 def output_key(job_id: str, index: int, extension: str = "png") -> str:
     """Deterministic: a retried job overwrites its own objects, never adds more."""
     return f"jobs/{job_id}/{index}.{extension}"
+
+
+def input_key(job_id: str, name: str) -> str:
+    """Where the API keeps a job's normalised input image (`image`, `mask`) for the worker to read."""
+    return f"inputs/{job_id}/{name}.png"

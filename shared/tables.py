@@ -184,3 +184,17 @@ class DisabledWebhookEndpoint(Base):
     url: Mapped[str] = mapped_column(String(2000))
     reason: Mapped[str] = mapped_column(Text)
     disabled_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Upload(Base):
+    """An input image a tenant uploaded for later jobs; usable by that tenant only, until it expires."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

@@ -22,11 +22,12 @@ def session_id() -> str:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in tiny-sd, built once for the whole session (workers find it through the cache dir)."""
-    from worker.tiny import make_tiny
+    """The built-in tiny models and LoRA, built once for the whole session (workers find them through the cache dir)."""
+    from worker.tiny import BUILDERS, make_tiny
 
     directory = tmp_path_factory.mktemp("models")
-    make_tiny(directory / "tiny-sd")
+    for kind in BUILDERS:
+        make_tiny(directory / kind, kind=kind)
     return directory
 
 

@@ -27,8 +27,10 @@ def free_port() -> int:
 def reset_caches() -> None:
     """Forget every process-wide cached object so the next use reads the current environment."""
     from shared import broker, db, registry, settings, storage
+    from shared.policy import reset_policy_cache
 
     db.reset_connections()
+    reset_policy_cache()
     for cached in (
         settings.get_settings,
         broker.get_redis,

@@ -25,6 +25,7 @@ from shared.settings import Settings
 from worker import failures, faults, status
 from worker.acceleration import bucket_for, parse_shapes
 from worker.generate import StopGeneration, generate_batch
+from worker.inputs import load_inputs
 
 log = logging.getLogger("darkroom.worker")
 
@@ -140,7 +141,9 @@ def run_batch(pipe: Any, members: list[Member], hook: StepHook, settings: Settin
     result = BatchResult()
     # A test fault armed by one job must fire in that job's call alone, so such batches run job by job.
     armed = any(faults.requested(m.request) for m in members)
-    if len(members) > 1 and isinstance(pipe, BATCHABLE) and not armed:
+    # Image tasks (img2img, inpaint, upscale) bring their own input images: always one call per job.
+    text_only = members[0].request.get("task", "txt2img") == "txt2img"
+    if len(members) > 1 and text_only and isinstance(pipe, BATCHABLE) and not armed:
         try:
             result.images = _keep_live(hook, members, _call(pipe, members, hook, settings))
             return result
@@ -178,8 +181,15 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
     pad_to = 0
     if settings.compile:
         pad_to = bucket_for(images, int(first["width"]), int(first["height"]), parse_shapes(settings.compile_shapes))
+    # Only a call of its own carries a job's input images (run_batch never batches image tasks).
+    inputs = load_inputs(first) if len(members) == 1 else None
     return generate_batch(
-        pipe, [m.request for m in members], hook, pad_to=pad_to, tiling_pixels=settings.vae_tiling_pixels
+        pipe,
+        [m.request for m in members],
+        hook,
+        pad_to=pad_to,
+        tiling_pixels=settings.vae_tiling_pixels,
+        inputs=inputs,
     )
 
 

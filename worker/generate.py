@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from worker.acceleration import configure_vae
+from worker.inputs import effective_steps, pipe_kwargs_for
 
 
 class StopGeneration(Exception):
@@ -58,12 +59,16 @@ def generate_batch(
     *,
     pad_to: int = 0,
     tiling_pixels: int = 0,
+    inputs: dict[str, Image.Image] | None = None,
 ) -> list[list[Image.Image]]:
     """Run compatible requests (equal batch keys) as one call; returns each request's images, in order.
 
     Image i of a request is seeded `seed + i` whatever else shares the call. With `pad_to`, filler rows
-    make the call exactly that many images (a compiled shape); their images are thrown away.
+    make the call exactly that many images (a compiled shape); their images are thrown away. `inputs`
+    (input image, mask) belong to a single request: image tasks never share a call.
     """
+    if inputs and len(requests) != 1:
+        raise ValueError(f"inputs: image tasks run one request per call, got {len(requests)}")
     # 1. One row per image: its prompt, negative prompt, generator and owning request.
     first = requests[0]
     prompts: list[str] = []
@@ -83,7 +88,8 @@ def generate_batch(
         gens += generators(0, filler)
 
     # 2. The call.
-    total, guidance = int(first["steps"]), float(first["guidance_scale"])
+    # Image-to-image tasks skip the first (1 - strength) of the steps: progress counts those that run.
+    total, guidance = effective_steps(first), float(first["guidance_scale"])
     width, height = int(first["width"]), int(first["height"])
 
     def step_end(_pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -94,13 +100,12 @@ def generate_batch(
     with torch.inference_mode():
         result = pipe(
             **text_inputs(pipe, prompts, negatives, uses_cfg(pipe, guidance)),
-            width=width,
-            height=height,
-            num_inference_steps=total,
+            num_inference_steps=int(first["steps"]),
             guidance_scale=guidance,
             generator=gens,
             output_type="pil",
             callback_on_step_end=step_end,
+            **pipe_kwargs_for(first, inputs or {}),
         )
 
     # 3. Each request gets exactly its own images back.
@@ -111,9 +116,14 @@ def generate_batch(
     return images
 
 
-def generate(pipe: Any, request: dict[str, Any], on_step: Callable[[int, int], None]) -> list[Image.Image]:
-    """One request alone."""
-    return generate_batch(pipe, [request], on_step)[0]
+def generate(
+    pipe: Any,
+    request: dict[str, Any],
+    on_step: Callable[[int, int], None],
+    inputs: dict[str, Image.Image] | None = None,
+) -> list[Image.Image]:
+    """One request alone, with its input images if its task takes any."""
+    return generate_batch(pipe, [request], on_step, inputs=inputs)[0]
 
 
 def encode_png(image: Image.Image) -> bytes:

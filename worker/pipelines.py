@@ -43,19 +43,23 @@ def resolve_source(spec: ModelSpec, settings: Settings) -> str:
     """A local directory or a hub id. Built-in models are built on first use, once per machine."""
     if not spec.source.startswith("builtin:"):
         return spec.source
-    name = spec.source.removeprefix("builtin:")
-    if name != "tiny-sd":
-        raise ValueError(f"model {spec.name!r}: unknown built-in model {name!r}")
+    return str(build_builtin(spec.source.removeprefix("builtin:"), settings))
+
+
+def build_builtin(name: str, settings: Settings) -> Path:
+    """The directory of a built-in model or LoRA (worker/tiny.py), built on first use, once per machine."""
+    from worker.tiny import BUILDERS, DONE_FILE, make_tiny
+
+    if name not in BUILDERS:
+        raise ValueError(f"unknown built-in model {name!r}")
     assert settings.model_cache_dir is not None
     directory = settings.model_cache_dir / name
-    if not (directory / "model_index.json").exists():
-        from worker.tiny import make_tiny
-
+    if not (directory / DONE_FILE.get(name, "model_index.json")).exists():
         directory.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(directory) + ".lock"):
             log.info("building built-in model %s in %s", name, directory)
-            make_tiny(directory)
-    return str(directory)
+            make_tiny(directory, kind=name)
+    return directory
 
 
 class ModelTooLarge(Exception):

@@ -24,13 +24,16 @@ from shared.jobs import fail_job, hand_back, succeed_job
 from shared.registry import get_registry
 from shared.scheduling import claim_jobs, queue_of
 from shared.settings import Settings, get_settings
-from shared.storage import StorageUnavailable, get_storage, output_key, put_with_retry
+from shared.storage import Storage, StorageUnavailable, get_storage, put_with_retry
 from shared.tables import Job
 from worker import failures, status
 from worker.batching import Member, StepHook, gather, run_batch
-from worker.generate import StopGeneration, encode_png
+from worker.generate import StopGeneration
 from worker.lease import Heartbeat
+from worker.outputs import store_outputs
 from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
+from worker.safety import nsfw_flags
+from worker.variants import prepare_pipeline, sampler_name
 
 __all__ = ["StepHook", "pipeline_cache", "register", "run_job"]
 
@@ -72,7 +75,10 @@ def run_job(job_id: str) -> str:
         return "skipped"  # nothing queued: this token's job ran with an earlier one, or was canceled
     leader = claimed[0]
     members = [member_of(leader)]
-    if leader.batch_key and members[0].images < settings.max_batch_images:
+    # Image tasks (img2img, inpaint, upscale) run one call per job, so gathering them would only queue
+    # them behind each other on this worker.
+    batchable = leader.request.get("task", "txt2img") == "txt2img"
+    if leader.batch_key and batchable and members[0].images < settings.max_batch_images:
 
         def claim_more(room: int) -> int:
             with session_scope() as session:
@@ -130,7 +136,10 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
             return outcomes
         hook = StepHook(members, settings.progress_interval, beat.lost)
         try:
-            result = run_batch(pipeline_cache().get(spec), members, hook, settings)
+            base = pipeline_cache().get(spec)
+            # Every member shares task, scheduler and LoRAs (they are in the batch key): one pipeline serves all.
+            pipe = prepare_pipeline(base, members[0].request)
+            result = run_batch(pipe, members, hook, settings)
         except StopGeneration as stop:
             log.info("jobs %s stopped: %s", ", ".join(m.job_id for m in members), stop)
             if status.stop_requested():
@@ -155,34 +164,49 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
             fail([by_id[result.timed_out]], "timeout", f"the job ran past its time limit of {limit} s")
             outcomes.update(hand_back_all(result.unrun, queue))
         done = [(by_id[job_id], images) for job_id, images in result.images.items()]
-        outcomes.update(record_successes(done, settings, fail))
+        outcomes.update(record_successes(done, base, pipe, settings, fail))
     for member in members:
         outcomes.setdefault(member.job_id, "stopped")
     return outcomes
 
 
+class RetryingStorage:
+    """The storage, with every put retried through an outage (raises StorageUnavailable once spent)."""
+
+    def __init__(self, storage: Storage, seconds: float):
+        self.storage, self.seconds = storage, seconds
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        put_with_retry(self.storage, key, data, content_type, seconds=self.seconds)
+
+
 def record_successes(
-    done: list[tuple[Member, list[Any]]], settings: Settings, fail: Callable[[list[Member], str, str], None]
+    done: list[tuple[Member, list[Any]]],
+    base: Any,
+    pipe: Any,
+    settings: Settings,
+    fail: Callable[[list[Member], str, str], None],
 ) -> dict[str, str]:
-    """Upload each job's images (retried through a storage outage), then mark them succeeded together."""
-    storage = get_storage()
+    """Check each job's images with the base model's safety checker, upload them (retried through a storage
+    outage), then mark the jobs succeeded together. `pipe` is the pipeline that ran: its sampler is recorded."""
+    storage = RetryingStorage(get_storage(), settings.storage_retry_seconds)
     outputs: dict[str, list[dict[str, Any]]] = {}
     uploaded: list[Member] = []
     for member, images in done:
-        outputs[member.job_id] = []
+        request = member.request
         try:
-            for index, image in enumerate(images):
-                key = output_key(member.job_id, index)
-                put_with_retry(storage, key, encode_png(image), "image/png", seconds=settings.storage_retry_seconds)
-                outputs[member.job_id].append(
-                    {
-                        "key": key,
-                        "width": image.width,
-                        "height": image.height,
-                        "seed": int(member.request["seed"]) + index,
-                        "content_type": "image/png",
-                    }
-                )
+            nsfw = nsfw_flags(base, images)
+        except Exception as exc:
+            log.exception("job %s: safety check failed", member.job_id)
+            fail([member], *failures.describe(exc))
+            continue
+        if any(nsfw) and request.get("nsfw", "withhold") == "withhold":
+            fail([member], "content_policy", "the model's safety checker flagged the output, so it was withheld")
+            continue
+        try:
+            outputs[member.job_id] = store_outputs(
+                storage, member.job_id, request, images, nsfw, sampler=sampler_name(pipe, request)
+            )
         except StorageUnavailable as exc:
             # Nothing is listed for this job: its outputs appear only with the `succeeded` UPDATE.
             fail([member], "storage_unavailable", str(exc))

@@ -10,6 +10,7 @@ from shared.errors import NotFound
 from shared.storage import LocalStorage, get_storage
 
 router = APIRouter(tags=["files"])
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
 @router.get("/files/{key:path}", response_class=FileResponse, responses=responses(403, 404))
@@ -21,4 +22,5 @@ def get_file(
     if not isinstance(storage, LocalStorage):
         raise NotFound("no such file")
     path = storage.open_signed(key, expires, sig)
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    media_type = MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})

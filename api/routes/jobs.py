@@ -17,16 +17,19 @@ from starlette.concurrency import run_in_threadpool
 from api import live
 from api.deps import SessionDep, TenantDep
 from api.errors import responses
+from api.generation import read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
 from shared import broker, idempotency, jobs
 from shared.db import session_scope
 from shared.errors import InvalidRequest
 from shared.job_view import job_view
+from shared.policy import check_prompt, policy_for
 from shared.registry import get_registry
 from shared.scheduling import batch_key
 from shared.settings import get_settings
-from shared.tables import Job
+from shared.storage import get_storage
+from shared.tables import Job, Tenant, new_id
 from shared.webhooks import validate_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -47,7 +50,15 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
     """Create and publish the job, or find the one this idempotency key made. Returns (job, replayed)."""
     # 1. Validate everything first: an invalid request does not use up its idempotency key.
     settings = get_settings()
-    spec, request = body.normalise(get_registry(), settings.default_model)
+    # Cheap refusals first: the content policy, then input images (fetched and decoded here, so a bad
+    # image is a 422 now rather than a failed job later), then the model's limits.
+    with session_scope() as session:
+        tenant_name = session.get_one(Tenant, tenant_id).name
+    policy = policy_for(tenant_name)
+    check_prompt(policy, tenant_name, {"prompt": body.prompt, "negative_prompt": body.negative_prompt})
+    inputs = read_inputs(body.image, body.mask, tenant_id)
+    spec, request = body.normalise(get_registry(), settings.default_model, input_size=inputs.size)
+    request["nsfw"] = policy.nsfw
     if body.webhook_url is not None:
         validate_webhook_url(body.webhook_url, allow_private=settings.webhook_allow_private)
     # 2. Claim the key, or replay what its first request created.
@@ -57,10 +68,14 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
         if replay is not None and replay.job_id is not None:
             return _read(replay.job_id, tenant_id), True
     # 3. The job and the completed key commit together: a key never points at a job that does not exist.
+    # Inputs are stored only once the key is ours, so a replay leaves no orphaned images behind.
     try:
+        job_id = new_id()
+        store_inputs(get_storage(), job_id, inputs, request)
         with session_scope() as session:
             job = jobs.create_job(
                 session,
+                job_id=job_id,
                 tenant_id=tenant_id,
                 model=spec.name,
                 queue=broker.queue_for_model(spec.name),

@@ -156,3 +156,27 @@ def test_cli_submit_waits_and_saves_the_images(service: Service, tmp_path) -> No
     files = sorted(out.glob("*.png"))
     assert len(files) == 2
     assert Image.open(files[0]).size == (64, 64)
+
+
+def test_upload_then_img2img_and_upscale_as_jpeg(service: Service) -> None:
+    auth = service.key("acme")
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(buffer, format="PNG")
+    upload = httpx.post(
+        f"{service.url}/v1/uploads", files={"file": ("in.png", buffer.getvalue(), "image/png")}, headers=auth
+    )
+    assert upload.status_code == 201, upload.text
+    key = upload.json()["key"]
+    img = service.submit(auth, task="img2img", image=key, steps=4, strength=0.5, output_format="jpeg", seed=1)
+    up = service.submit(auth, task="upscale", image=key, scale=2, steps=4, scheduler="euler_a")
+    done = [service.wait(auth, j["id"]) for j in (img, up)]
+    assert [d["status"] for d in done] == ["succeeded", "succeeded"], done
+    jpeg = httpx.get(done[0]["outputs"][0]["url"], timeout=30)
+    assert jpeg.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(jpeg.content)).size == (64, 64)
+    assert download(done[1]["outputs"][0]["url"]).size == (128, 128)
+    # Another tenant cannot use this upload.
+    other = httpx.post(
+        f"{service.url}/v1/jobs", json={"prompt": "x", "task": "img2img", "image": key}, headers=service.key("other")
+    )
+    assert other.status_code == 422 and other.json()["error"]["message"].startswith("image:")

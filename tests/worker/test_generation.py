@@ -1,0 +1,210 @@
+"""Every task on every model family, submitted through the API and run by the real `jobs.run` task on the
+tiny offline pipelines: sizes, determinism, schedulers, LoRAs, formats, embedded parameters, watermark."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from shared.db import session_scope
+from shared.jobs import get_job
+from shared.storage import get_storage
+from shared.tenants import create_key
+from worker import tasks
+from worker.outputs import read_parameters
+from worker.watermark import has_watermark
+
+FAMILIES = ["tiny-sd", "tiny-sd2", "tiny-sdxl"]
+
+
+@pytest.fixture
+def client(darkroom_env: dict[str, Any]) -> Iterator[TestClient]:
+    from api.app import create_app
+
+    with TestClient(create_app()) as c:
+        yield c
+
+
+@pytest.fixture
+def auth(client: TestClient) -> dict[str, str]:
+    with session_scope() as session:
+        return {"Authorization": f"Bearer {create_key(session, 'acme')}"}
+
+
+def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def picture(width: int = 64, height: int = 64) -> Image.Image:
+    gradient = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None].repeat(height, 0).repeat(3, 2)
+    return Image.fromarray(gradient)
+
+
+def half_mask(width: int = 64, height: int = 64) -> Image.Image:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[:, width // 2 :] = 255
+    return Image.fromarray(mask)
+
+
+def run(client: TestClient, auth: dict[str, str], **body: Any) -> list[Image.Image]:
+    """Submit through the API, run the job in this process, and return its decoded outputs."""
+    response = client.post("/v1/jobs", json={"prompt": "a lighthouse", "steps": 3, "seed": 3, **body}, headers=auth)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert tasks.run_job(job_id) == "succeeded", get_job_error(job_id)
+    return outputs(job_id)
+
+
+def get_job_error(job_id: str) -> Any:
+    with session_scope() as session:
+        return get_job(session, job_id).error_message
+
+
+def outputs(job_id: str) -> list[Image.Image]:
+    with session_scope() as session:
+        records = get_job(session, job_id).outputs or []
+    return [Image.open(io.BytesIO(get_storage().get(r["key"]))) for r in records]
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("model", FAMILIES)
+def test_every_task_runs_on_every_family(client: TestClient, auth: dict[str, str], model: str) -> None:
+    source = picture(96, 64)
+    txt = run(client, auth, model=model, width=96, height=64)
+    img = run(client, auth, model=model, task="img2img", image=data_uri(source), strength=0.7)
+    inp = run(client, auth, model=model, task="inpaint", image=data_uri(source), mask=data_uri(half_mask(96, 64)))
+    up = run(client, auth, model=model, task="upscale", image=data_uri(source), scale=2, strength=0.7)
+    assert [i.size for i in (*txt, *img, *inp, *up)] == [(96, 64), (96, 64), (96, 64), (192, 128)]
+    # The same request and seed give the same pixels, for image tasks too.
+    again = run(client, auth, model=model, task="img2img", image=data_uri(source), strength=0.7)
+    np.testing.assert_array_equal(pixels(img[0]), pixels(again[0]))
+    assert not np.array_equal(pixels(img[0]), pixels(inp[0]))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_inpaint_keeps_the_unmasked_half_close_to_the_input(client: TestClient, auth: dict[str, str]) -> None:
+    source = picture(64, 64)
+    [out] = run(client, auth, task="inpaint", image=data_uri(source), mask=data_uri(half_mask()), strength=1.0)
+    kept = np.abs(pixels(out)[:, :24] - pixels(source)[:, :24]).mean()
+    repainted = np.abs(pixels(out)[:, 40:] - pixels(source)[:, 40:]).mean()
+    assert kept < repainted
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_scheduler_choice_changes_the_output_and_does_not_leak(client: TestClient, auth: dict[str, str]) -> None:
+    before = run(client, auth)[0]
+    outputs = {name: run(client, auth, scheduler=name)[0] for name in ("euler_a", "dpmpp_2m_karras", "ddim", "unipc")}
+    after = run(client, auth)[0]
+    np.testing.assert_array_equal(pixels(before), pixels(after))
+    assert not np.array_equal(pixels(before), pixels(outputs["dpmpp_2m_karras"]))
+    assert "Sampler: DPM++ 2M Karras" in (read_parameters(outputs["dpmpp_2m_karras"]) or "")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_lora_changes_the_output_and_leaves_no_trace(client: TestClient, auth: dict[str, str]) -> None:
+    before = run(client, auth)[0]
+    with_lora = run(client, auth, loras=[{"name": "tiny-lora", "scale": 1.0}])[0]
+    half = run(client, auth, loras=[{"name": "tiny-lora", "scale": 0.5}])[0]
+    after = run(client, auth)[0]
+    assert not np.array_equal(pixels(before), pixels(with_lora))
+    assert not np.array_equal(pixels(with_lora), pixels(half))
+    np.testing.assert_array_equal(pixels(before), pixels(after))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_few_step_model_runs_with_no_guidance(client: TestClient, auth: dict[str, str]) -> None:
+    [out] = run(client, auth, model="tiny-sdxl-turbo", steps=1)
+    assert out.size == (64, 64)
+    assert "CFG scale: 0, " in (read_parameters(out) or "")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_outputs_carry_parameters_provenance_and_a_watermark(
+    client: TestClient, auth: dict[str, str], fmt: str, pil_format: str
+) -> None:
+    body = {"negative_prompt": "blurry", "width": 256, "height": 256, "output_format": fmt}
+    response = client.post("/v1/jobs", json={"prompt": "a lighthouse", "steps": 2, "seed": 11, **body}, headers=auth)
+    job_id = response.json()["id"]
+    assert tasks.run_job(job_id) == "succeeded"
+    [image] = outputs(job_id)
+    assert image.format == pil_format and image.size == (256, 256)
+    assert read_parameters(image) == (
+        "a lighthouse\nNegative prompt: blurry\n"
+        "Steps: 2, Sampler: EulerDiscreteScheduler, CFG scale: 7, Seed: 11, Size: 256x256, Model: tiny-sd"
+    )
+    provenance = image.info.get("provenance") or image.getexif().get(0x010E)
+    assert provenance == f"generator=darkroom; model=tiny-sd; job={job_id}"
+    if fmt == "png":
+        assert has_watermark(image)
+    read = client.get("/v1/jobs/" + job_id, headers=auth).json()
+    assert read["outputs"][0]["content_type"] == f"image/{fmt}" and read["outputs"][0]["nsfw"] is False
+
+
+class FlagEverything(torch.nn.Module):
+    """A deterministic stand-in for StableDiffusionSafetyChecker with its call signature: flags every image."""
+
+    def forward(self, images: Any, clip_input: Any) -> tuple[Any, list[bool]]:
+        images[:] = 0  # the stock checker blacks out what it flags; darkroom must not return that copy
+        return images, [True] * len(images)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_safety_checker_hit_is_withheld_or_flagged_per_tenant(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from shared.registry import get_registry
+    from tests.support import reset_caches
+
+    policy = tmp_path / "tenants.toml"
+    policy.write_text('[tenants.lenient]\nnsfw = "flag"\n')
+    monkeypatch.setenv("DARKROOM_TENANT_POLICY_FILE", str(policy))
+    reset_caches()
+    with session_scope() as session:
+        strict = {"Authorization": f"Bearer {create_key(session, 'strict')}"}
+        lenient = {"Authorization": f"Bearer {create_key(session, 'lenient')}"}
+    unflagged = run(client, strict)[0]
+    base = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    base.register_modules(safety_checker=FlagEverything())
+    try:
+        response = client.post("/v1/jobs", json={"prompt": "a lighthouse", "steps": 3, "seed": 3}, headers=strict)
+        job_id = response.json()["id"]
+        assert tasks.run_job(job_id) == "failed"
+        with session_scope() as session:
+            job = get_job(session, job_id)
+        assert job.error_code == "content_policy" and not job.outputs
+        flagged = run(client, lenient)[0]
+        response = client.get("/v1/jobs", headers=lenient).json()["data"][0]
+        assert response["outputs"][0]["nsfw"] is True
+        np.testing.assert_array_equal(pixels(flagged), pixels(unflagged))  # returned as made, not blacked out
+    finally:
+        base.register_modules(safety_checker=None)
+
+
+def test_the_watermark_survives_a_jpeg_re_encode_at_quality_90() -> None:
+    from worker.watermark import apply_watermark, watermark_bits_matching
+
+    rng = np.random.default_rng(0)
+    scene = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((320, 256), Image.BICUBIC)
+    marked = apply_watermark(scene)
+    assert np.abs(pixels(marked) - pixels(scene)).mean() < 5  # invisible: a few levels of 255 on average
+    buffer = io.BytesIO()
+    marked.save(buffer, format="JPEG", quality=90)
+    reencoded = Image.open(io.BytesIO(buffer.getvalue()))
+    assert has_watermark(reencoded), watermark_bits_matching(reencoded)
+    assert not has_watermark(scene)
