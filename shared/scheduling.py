@@ -106,7 +106,9 @@ def _candidates(session: Session, queue: str, key: str | None, per_tenant: int) 
     )
     inner = select(Job.id, rank).where(Job.queue == queue, Job.status == QUEUED)
     if key is not None:
-        inner = inner.where(Job.batch_key == key)
+        # Company for a batch is only jobs that never ran: one that did may have crashed its worker, and a
+        # poison job must not take its neighbours' attempts down with it.
+        inner = inner.where(Job.batch_key == key, Job.attempts == 0)
     sub = inner.subquery()
     rows = session.execute(
         select(Job.id, Job.tenant_id, Job.priority, Job.created_at, Job.request)

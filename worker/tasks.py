@@ -77,7 +77,8 @@ def run_job(job_id: str) -> str:
     members = [member_of(leader)]
     # Image tasks (img2img, inpaint, upscale) run one call per job, so gathering them would only queue
     # them behind each other on this worker.
-    batchable = leader.request.get("task", "txt2img") == "txt2img"
+    # A job on its second attempt or later may be the one that crashed its last worker: it runs alone.
+    batchable = leader.request.get("task", "txt2img") == "txt2img" and leader.attempts == 1
     if leader.batch_key and batchable and members[0].images < settings.max_batch_images:
 
         def claim_more(room: int) -> int:
