@@ -15,10 +15,10 @@ from client.protocol import (
     Event,
     SSEParser,
     job_body,
-    new_idempotency_key,
     progress_events,
     raise_for_error,
     retry_delay,
+    submit_options,
 )
 from client.types import Job, JobList
 
@@ -75,11 +75,7 @@ class AsyncClient:
         **fields: Any,
     ) -> Job:
         """Submit a job. `wait`: ask the server to hold the answer up to that many seconds (Prefer: wait)."""
-        headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
-        timeout = None
-        if wait:
-            headers["Prefer"] = f"wait={wait}"
-            timeout = httpx.Timeout(self._http.timeout.read or 30.0, read=wait + 30.0)
+        headers, timeout = submit_options(idempotency_key, wait, self._http.timeout.read)
         body = job_body(prompt, fields)
         return cast(Job, await self._request("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout))
 

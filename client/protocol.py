@@ -59,6 +59,18 @@ def new_idempotency_key() -> str:
     return str(uuid.uuid4())
 
 
+def submit_options(
+    idempotency_key: str | None, wait: int | None, read_timeout: float | None
+) -> tuple[dict[str, str], httpx.Timeout | None]:
+    """Headers and timeout of a submit: an idempotency key always, and `Prefer: wait` with a read timeout
+    that outlasts the wait."""
+    headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
+    if not wait:
+        return headers, None
+    headers["Prefer"] = f"wait={wait}"
+    return headers, httpx.Timeout(read_timeout or 30.0, read=wait + 30.0)
+
+
 def job_body(prompt: str, fields: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
 
