@@ -111,9 +111,11 @@ async def job_events(job_id: str, last_event_id: str | None) -> AsyncIterator[di
     client = _redis()
     seen: tuple[str, int | None] | None = None  # last (status, step) told, to fill gaps from the database
     position: int | None = None
+    pending: list[tuple[str, str, Any]] = []  # entries read early, while checking a gap the database showed
     try:
         while True:
-            for entry_id, kind, data in await _read_stream(client, job_id, cursor, int(POLL_SECONDS * 1000)):
+            entries, pending = pending or await _read_stream(client, job_id, cursor, int(POLL_SECONDS * 1000)), []
+            for entry_id, kind, data in entries:
                 cursor = entry_id
                 if kind in events.TERMINAL_EVENTS:
                     final = await run_in_threadpool(snapshot, job_id)
@@ -140,7 +142,14 @@ async def job_events(job_id: str, last_event_id: str | None) -> AsyncIterator[di
                         return
                 yield {"event": now.status, "data": json.dumps(now.view)}
                 return
-            for synthesized in _fill_gap(now, seen, position):
+            gap = _fill_gap(now, seen, position)
+            if gap and now.status == "running":
+                # A worker's commit lands before its stream entry: give the entry a moment to arrive, so the
+                # stream (with resumable ids) tells the story rather than the database twice over.
+                pending = await _read_stream(client, job_id, cursor, 500)
+                if pending:
+                    continue
+            for synthesized in gap:
                 yield synthesized
             if now.status == "queued":
                 position = now.view["queue_position"]
