@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 from shared.errors import InvalidRequest
 from shared.settings import get_settings
+from shared.tenant_config import reset_tenant_config, tenant_entry
 
 log = logging.getLogger("darkroom.policy")
 
@@ -49,17 +48,9 @@ def _nsfw(value: Any, where: str) -> NsfwAction:
     return value
 
 
-@lru_cache
-def _tenant_table() -> dict[str, dict[str, Any]]:
-    path = get_settings().tenant_policy_file
-    if path is None:
-        return {}
-    return dict(tomllib.loads(path.read_text()).get("tenants", {}))
-
-
 def policy_for(tenant_name: str) -> TenantPolicy:
     settings = get_settings()
-    entry = _tenant_table().get(tenant_name, {})
+    entry = tenant_entry(tenant_name)
     return TenantPolicy(
         patterns=_compile(
             [*settings.policy_deny_terms, *entry.get("deny_terms", [])],
@@ -98,4 +89,4 @@ def record_policy_refusal(tenant: str) -> None:
 
 
 def reset_policy_cache() -> None:
-    _tenant_table.cache_clear()
+    reset_tenant_config()

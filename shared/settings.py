@@ -164,7 +164,9 @@ class Settings(BaseSettings):
         [], description="Regular expressions refused in prompts for every tenant (case-insensitive)."
     )
     tenant_policy_file: Path | None = Field(
-        None, description="TOML with per-tenant `[tenants.<name>]` deny_terms, deny_patterns and `nsfw`."
+        None,
+        description="TOML with per-tenant `[tenants.<name>]` settings: deny_terms, deny_patterns, `nsfw` "
+        "(and the limits and retention documented in the README).",
     )
     nsfw_action: str = Field(
         "withhold",
