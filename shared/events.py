@@ -104,11 +104,14 @@ def job_transitioned(session: Session, job_id: str, status: str) -> None:
         after_commit(session, lambda: record_run_seconds(model, seconds))
 
 
-def job_progressed(session: Session, job_id: str, step: int, total: int) -> None:
+def job_progressed(session: Session, job_id: str, step: int, total: int, preview: str | None = None) -> None:
     """Called by shared.jobs.record_progress after a progress write, in the same transaction."""
     url, events = session.execute(select(Job.webhook_url, Job.webhook_events).where(Job.id == job_id)).one()
     if url and "progress" in (events or ()):
         job = session.get(Job, job_id, populate_existing=True)
         if job is not None:
             _notify(session, job, "progress")
-    after_commit(session, lambda: append(job_id, "progress", {"step": step, "total": total}))
+    data: dict[str, Any] = {"step": step, "total": total}
+    if preview is not None:
+        data["preview"] = preview
+    after_commit(session, lambda: append(job_id, "progress", data))

@@ -162,8 +162,13 @@ def record_progress(session: Session, job_id: str, *, attempt: int, step: int, t
     return ours
 
 
-def record_progress_many(session: Session, attempts: dict[str, int], *, step: int, total: int) -> set[str]:
-    """`record_progress` for a whole batch in one statement; returns the ids still this worker's to run."""
+def record_progress_many(
+    session: Session, attempts: dict[str, int], *, step: int, total: int, previews: dict[str, str] | None = None
+) -> set[str]:
+    """`record_progress` for a whole batch in one statement; returns the ids still this worker's to run.
+
+    `previews` (job id -> image `data:` URI) go to the live event stream only, never to the database.
+    """
     if not attempts:
         return set()
     owned = or_(*(and_(Job.id == job_id, *_owned(job_id, attempt)) for job_id, attempt in attempts.items()))
@@ -176,7 +181,7 @@ def record_progress_many(session: Session, attempts: dict[str, int], *, step: in
     )
     ours = set(session.scalars(stmt).all())
     for job_id in ours:
-        events.job_progressed(session, job_id, step, total)
+        events.job_progressed(session, job_id, step, total, preview=(previews or {}).get(job_id))
     return ours
 
 

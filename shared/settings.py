@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Seconds between reconciler passes (republish lost messages, expire leases)."
     )
     progress_interval: float = Field(0.5, ge=0, description="Least seconds between two progress writes of one job.")
+    preview_every_steps: int = Field(
+        5, ge=0, description="Least steps between two preview images in a job's SSE progress events; 0 sends none."
+    )
     idempotency_ttl_hours: float = Field(
         24, ge=24, description="Hours an `Idempotency-Key` is remembered (at least 24, per the IETF draft)."
     )

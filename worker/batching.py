@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
@@ -26,6 +27,7 @@ from worker import failures, faults, status
 from worker.acceleration import bucket_for, parse_shapes
 from worker.generate import StopGeneration, generate_batch
 from worker.inputs import load_inputs
+from worker.preview import Factors, preview_uri
 
 log = logging.getLogger("darkroom.worker")
 
@@ -80,15 +82,39 @@ class StepHook:
     adds jobs whose lease it could no longer renew.
     """
 
-    def __init__(self, members: list[Member], interval: float, dropped: set[str] | None = None):
+    def __init__(
+        self, members: list[Member], interval: float, dropped: set[str] | None = None, *, preview_every: int = 0
+    ):
         self.members = members
         self.interval = interval
         self.dropped = dropped if dropped is not None else set()
         self.last_write = 0.0
+        self.preview_every = preview_every
+        self.latents: tuple[int, torch.Tensor, Factors] | None = None
+        self.last_preview = 0
 
     def only(self, members: list[Member]) -> StepHook:
         """The same hook over a subset of the jobs (one call per job), sharing what was dropped."""
-        return StepHook(members, self.interval, self.dropped)
+        return StepHook(members, self.interval, self.dropped, preview_every=self.preview_every)
+
+    def see_latents(self, step: int, latents: torch.Tensor, factors: Factors) -> None:
+        # Only a reference: a preview is drawn when progress is next written, not at every step.
+        self.latents = (step, latents, factors)
+
+    def previews(self, step: int, total: int, live: list[Member]) -> dict[str, str]:
+        """A preview of each live job's first image, at most one per `preview_every` steps (none at the end,
+        where the finished image follows)."""
+        if not self.preview_every or self.latents is None or self.latents[0] != step or step >= total:
+            return {}
+        if step - self.last_preview < self.preview_every:
+            return {}
+        self.last_preview = step
+        _step, latents, factors = self.latents
+        first_row, row = {}, 0
+        for member in self.members:
+            first_row[member.job_id] = row
+            row += member.images
+        return {m.job_id: preview_uri(latents[first_row[m.job_id]], factors) for m in live}
 
     def live(self) -> list[Member]:
         return [m for m in self.members if m.job_id not in self.dropped]
@@ -110,7 +136,9 @@ class StepHook:
             self.last_write = now
             try:
                 with session_scope() as session:
-                    ours = record_progress_many(session, {m.job_id: m.attempt for m in live}, step=step, total=total)
+                    attempts = {m.job_id: m.attempt for m in live}
+                    previews = self.previews(step, total, live)
+                    ours = record_progress_many(session, attempts, step=step, total=total, previews=previews)
             except DB_UNAVAILABLE:
                 # Progress is a nicety: a database outage must not fail the jobs, only leave progress stale.
                 log.warning("progress not recorded: database unavailable")
@@ -190,6 +218,7 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
         pad_to=pad_to,
         tiling_pixels=settings.vae_tiling_pixels,
         inputs=inputs,
+        on_latents=hook.see_latents if hook.preview_every else None,
     )
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from worker.acceleration import configure_vae
 from worker.inputs import effective_steps, pipe_kwargs_for
+from worker.preview import Factors, factors_for
 
 
 class StopGeneration(Exception):
@@ -60,12 +61,14 @@ def generate_batch(
     pad_to: int = 0,
     tiling_pixels: int = 0,
     inputs: dict[str, Image.Image] | None = None,
+    on_latents: Callable[[int, torch.Tensor, Factors], None] | None = None,
 ) -> list[list[Image.Image]]:
     """Run compatible requests (equal batch keys) as one call; returns each request's images, in order.
 
     Image i of a request is seeded `seed + i` whatever else shares the call. With `pad_to`, filler rows
     make the call exactly that many images (a compiled shape); their images are thrown away. `inputs`
-    (input image, mask) belong to a single request: image tasks never share a call.
+    (input image, mask) belong to a single request: image tasks never share a call. `on_latents` sees
+    the latents after each step (one row per image, requests in order), for previews.
     """
     if inputs and len(requests) != 1:
         raise ValueError(f"inputs: image tasks run one request per call, got {len(requests)}")
@@ -92,7 +95,12 @@ def generate_batch(
     total, guidance = effective_steps(first), float(first["guidance_scale"])
     width, height = int(first["width"]), int(first["height"])
 
+    factors = factors_for(pipe) if on_latents is not None else None
+
     def step_end(_pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        latents = callback_kwargs.get("latents")
+        if on_latents is not None and factors is not None and latents is not None:
+            on_latents(step + 1, latents, factors)
         on_step(step + 1, total)
         return callback_kwargs
 

@@ -135,7 +135,7 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
         if spec is None:
             fail(members, "unknown_model", f"model {model!r} is not in this worker's registry")
             return outcomes
-        hook = StepHook(members, settings.progress_interval, beat.lost)
+        hook = StepHook(members, settings.progress_interval, beat.lost, preview_every=settings.preview_every_steps)
         try:
             base = pipeline_cache().get(spec)
             # Every member shares task, scheduler and LoRAs (they are in the batch key): one pipeline serves all.

@@ -20,7 +20,9 @@ EVENTS_DESCRIPTION = """
 * `queued` `{"status": "queued", "queue_position": 2, "eta_seconds": 14}` (sent again, without an id,
   when the position changes)
 * `started` `{"status": "running", "attempt": 1}`
-* `progress` `{"step": 3, "total": 20}`
+* `progress` `{"step": 3, "total": 20}`, and every few steps (`DARKROOM_PREVIEW_EVERY_STEPS`) a `preview`: a small
+  JPEG `data:` URI of the job's first image so far, drawn from the latents (one pixel per latent pixel, so
+  1/8 of the size; models with another latent space send none)
 * `succeeded` | `failed` | `canceled`: the job exactly as `GET /v1/jobs/{id}` returns it; then the stream closes.
 
 Events carry ids: reconnect with `Last-Event-ID` to resume after the last one you saw. A new connection

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -10,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from shared import broker
+from shared import broker, events
 from shared.db import session_scope
 from shared.jobs import cancel_job, create_job, get_job
 from shared.registry import get_registry
 from shared.scheduling import batch_key
 from shared.storage import get_storage
 from shared.tenants import get_or_create_tenant
+from tests.support import reset_caches
 from worker import batching, generate, tasks
 from worker.batching import gather
 from worker.generate import generators
@@ -220,3 +223,46 @@ def test_company_arriving_within_the_window_joins() -> None:
 
     assert gather(claim, images=1, max_images=8, window_s=0.010, clock=clock, sleep=clock.sleep) == 6
     assert clock.slept <= 0.010 + 1e-9
+
+
+def stream_progress(job_id: str) -> list[dict[str, Any]]:
+    """The progress events of the job's live stream, as SSE readers get them."""
+    entries = broker.get_redis().xrange(events.stream_key(job_id))
+    told = [(fields[b"type"].decode(), json.loads(fields[b"data"])) for _id, fields in entries]
+    return [data for kind, data in told if kind == "progress"]
+
+
+def test_progress_events_carry_a_preview_of_each_jobs_own_image(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DARKROOM_PREVIEW_EVERY_STEPS", "2")
+    reset_caches()
+    jobs = [submit(prompt="a lighthouse", seed=7, steps=5), submit(prompt="a red fox", seed=100, steps=5)]
+    assert tasks.run_job(jobs[0]) == "succeeded"
+    previews: list[list[Image.Image]] = []
+    for job_id in jobs:
+        progress = stream_progress(job_id)
+        assert [p["step"] for p in progress] == [1, 2, 3, 4, 5]
+        # At most one every two steps, and none with the last step: the finished image follows it.
+        assert [p["step"] for p in progress if "preview" in p] == [2, 4]
+        header, _encoded = progress[1]["preview"].split(",", 1)
+        assert header == "data:image/jpeg;base64"
+        previews.append(
+            [Image.open(io.BytesIO(base64.b64decode(p["preview"].split(",", 1)[1]))) for p in progress[1::2]]
+        )
+    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    scale = pipe.vae_scale_factor
+    for shots in previews:
+        assert all((shot.format, shot.size) == ("JPEG", (64 // scale, 48 // scale)) for shot in shots)
+    # Each job previews its own image: two prompts and seeds in one call give two different pictures.
+    first, second = (np.asarray(shots[-1].convert("RGB")).astype(int) for shots in previews)
+    assert np.abs(first - second).mean() > 2
+
+
+def test_previews_can_be_turned_off(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DARKROOM_PREVIEW_EVERY_STEPS", "0")
+    reset_caches()
+    job_id = submit(steps=4)
+    assert tasks.run_job(job_id) == "succeeded"
+    progress = stream_progress(job_id)
+    assert [p["step"] for p in progress] == [1, 2, 3, 4] and not any("preview" in p for p in progress)
