@@ -41,8 +41,13 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    return ".".join(parts) or "body"
+    # List items read as in the JSON they came from: `jobs[3].width`, not `jobs.3.width`.
+    path = ""
+    for part in loc:
+        if part == "body":
+            continue
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or "body"
 
 
 def _describe(err: dict[str, Any]) -> str:

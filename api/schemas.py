@@ -16,8 +16,8 @@ from shared.registry import ModelSpec, Registry, Scheduler, Task
 MAX_METADATA_BYTES = 4096
 MAX_SEED = 2**32 - 1
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-WebhookEvent = Literal["started", "progress", "succeeded", "failed", "canceled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+WebhookEvent = Literal["started", "progress", "succeeded", "failed", "canceled", "expired"]
 
 
 class JobCreate(BaseModel):
@@ -328,8 +328,9 @@ class WebhookDeliveryRead(BaseModel):
     )
 
     id: str = Field(description="Also the `webhook-id` header, the same on every attempt.")
-    job_id: str
-    event: WebhookEvent
+    job_id: str | None = Field(description="The job it reports on; null for a `batch.completed` delivery.")
+    batch_id: str | None = Field(None, description="The batch of a `batch.completed` delivery.")
+    event: WebhookEvent | Literal["batch.completed"]
     url: str
     status: Literal["pending", "delivered", "failed"]
     attempts: int

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from shared import broker, webhooks
+from shared import batch_events, broker, webhooks
 from shared.job_view import record_run_seconds
 from shared.settings import get_settings
 from shared.tables import Job
@@ -32,8 +32,10 @@ EVENT_FOR_STATUS = {
     "succeeded": "succeeded",
     "failed": "failed",
     "canceled": "canceled",
+    "expired": "expired",
 }
-TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled", "expired"})
+ENDED_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 # A stream holds a job's whole story; progress is rate-limited upstream, so this bound is generous.
 STREAM_MAXLEN = 2000
 
@@ -93,6 +95,11 @@ def job_transitioned(session: Session, job_id: str, status: str) -> None:
         return
     kind = EVENT_FOR_STATUS[status]
     _notify(session, job, kind)
+    if status in ENDED_STATUSES and job.batch_id is not None:
+        # In this transaction, so the batch's countdown and its `batch.completed` row commit with the job's end.
+        delivery_id = batch_events.job_ended(session, job.batch_id)
+        if delivery_id is not None:
+            after_commit(session, lambda: webhooks.publish_delivery(delivery_id))
     data: dict[str, Any] = {"status": status}
     if status == "running":
         data["attempt"] = job.attempts

@@ -19,16 +19,21 @@ from shared.errors import Conflict, IllegalTransition, NotFound
 from shared.tables import Job, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
+# A finished job whose objects retention (or DELETE /v1/jobs/{id}) removed; its record stays.
+EXPIRED = "expired"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED, EXPIRED)
+# Ended: the job will never run again. Expired jobs had ended before, so they count too.
+ENDED = frozenset({SUCCEEDED, FAILED, CANCELED})
+TERMINAL = ENDED | {EXPIRED}
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING, CANCELED, FAILED}),
     # running -> queued: a lease expired or a worker handed its job back on shutdown.
     RUNNING: frozenset({SUCCEEDED, FAILED, CANCELED, QUEUED}),
-    SUCCEEDED: frozenset(),
-    FAILED: frozenset(),
-    CANCELED: frozenset(),
+    SUCCEEDED: frozenset({EXPIRED}),
+    FAILED: frozenset({EXPIRED}),
+    CANCELED: frozenset({EXPIRED}),
+    EXPIRED: frozenset(),
 }
 
 
@@ -73,6 +78,8 @@ def create_job(
     priority: int = 1,
     batch_key: str | None = None,
     job_id: str | None = None,
+    batch_id: str | None = None,
+    batch_index: int | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
@@ -83,6 +90,8 @@ def create_job(
         queue=queue,
         priority=priority,
         batch_key=batch_key,
+        batch_id=batch_id,
+        batch_index=batch_index,
         request=request,
         client_metadata=metadata,
         webhook_url=webhook_url,
@@ -240,6 +249,33 @@ def cancel_job(session: Session, job_id: str, tenant_id: str) -> Job:
     return job
 
 
+def cancel_batch_jobs(session: Session, batch_id: str) -> list[str]:
+    """queued/running -> canceled for every unfinished job of a batch; returns the ids canceled.
+
+    One UPDATE for all of them, so this takes the jobs' row locks before the batch's (each canceled job
+    counts the batch down), in the same order as a worker finishing a job does: the two cannot deadlock.
+    """
+    assert all(CANCELED in TRANSITIONS[s] for s in (QUEUED, RUNNING))
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(Job.batch_id == batch_id, Job.status.in_([QUEUED, RUNNING]))
+        .values(status=CANCELED, updated_at=now, finished_at=now, lease_expires_at=None, outputs=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    canceled = list(session.scalars(stmt).all())
+    for job_id in canceled:
+        events.job_transitioned(session, job_id, CANCELED)
+    return canceled
+
+
+def expire_job(session: Session, job_id: str) -> bool:
+    """ended -> expired, once the job's objects are gone from storage. Output URLs go with them; the status
+    the job ended with is kept in `ended_as`."""
+    return transition(session, job_id, from_=ENDED, to=EXPIRED, values={"outputs": None, "ended_as": Job.status})
+
+
 def expire_leases(session: Session, *, max_attempts: int, now: datetime | None = None) -> list[Job]:
     """Running jobs whose worker went silent: back to the queue, or failed once out of attempts.
 
@@ -302,8 +338,10 @@ def queue_stats(session: Session) -> list[tuple[str, int, datetime | None]]:
 
 def status_counts(session: Session) -> list[tuple[str, str, str | None, int]]:
     """(model, status, error code, jobs) over every job: totals for /metrics, counted where they cannot be lost."""
+    # An expired job is counted under the status it ended with, so these totals never go down.
+    status = func.coalesce(Job.ended_as, Job.status)
     rows = session.execute(
-        select(Job.model, Job.status, Job.error_code, func.count()).group_by(Job.model, Job.status, Job.error_code)
+        select(Job.model, status, Job.error_code, func.count()).group_by(Job.model, status, Job.error_code)
     ).all()
     return [(r[0], r[1], r[2], int(r[3])) for r in rows]
 

@@ -1,5 +1,6 @@
 """Self-healing: republish jobs whose message Redis lost, take jobs back from workers that died, re-send
-webhook deliveries whose message was lost, and forget expired idempotency keys.
+webhook deliveries whose message was lost, and forget expired idempotency keys. Each pass also runs the
+retention sweep (shared.retention), under its own lock.
 
 It runs as a thread inside every worker process, under a Redis lock, so one instance acts at a time and
 `darkroom api` plus `darkroom worker` need nothing else to recover.
@@ -15,7 +16,7 @@ from datetime import timedelta
 
 import redis
 
-from shared import broker, idempotency, webhooks
+from shared import broker, idempotency, retention, webhooks
 from shared.db import session_scope
 from shared.jobs import expire_leases, queued_before
 from shared.settings import get_settings
@@ -80,6 +81,8 @@ def run_forever(stop: threading.Event) -> None:
             finally:
                 with contextlib.suppress(redis.exceptions.LockError):
                     lock.release()
+            # After the release: a slow storage delete must not hold back the next worker's healing pass.
+            retention.run_pass()
         except Exception:  # keep healing through database or Redis outages
             last_failure = time.monotonic()
             log.exception("reconciler pass failed")

@@ -154,6 +154,13 @@ class Settings(BaseSettings):
     )
     max_input_bytes: int = Field(10_485_760, ge=1, description="Largest input image file (upload or URL fetch).")
     upload_ttl_seconds: int = Field(86_400, ge=60, description="How long a `POST /v1/uploads` key stays usable.")
+    retention_hours: float = Field(
+        720,
+        ge=0,
+        description="Hours after a job ends before its images (outputs and inputs) are deleted and it becomes "
+        "`expired`; 0 keeps them forever. Per tenant: `retention_hours` in DARKROOM_TENANT_POLICY_FILE.",
+    )
+    max_jobs_per_batch: int = Field(100, ge=1, description="Most jobs one `POST /v1/batches` may create.")
     fetch_timeout: float = Field(10.0, gt=0, description="Seconds an input image URL fetch may take in all.")
     fetch_allow_hosts: list[str] = Field(
         [],

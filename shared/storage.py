@@ -32,6 +32,7 @@ class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes: ...
     def url(self, key: str) -> str: ...
+    def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def ping(self) -> None: ...
 
@@ -101,6 +102,10 @@ class LocalStorage:
             raise NotFound("no such file")
         return path
 
+    def delete(self, key: str) -> None:
+        """Remove one object; a missing one is not an error (deletes are retried)."""
+        self.path(key).unlink(missing_ok=True)
+
     def delete_prefix(self, prefix: str) -> None:
         base = self.path(prefix.rstrip("/"))
         if base.is_dir():
@@ -155,6 +160,10 @@ class S3Storage:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=self.ttl
         )
+
+    def delete(self, key: str) -> None:
+        """Remove one object; S3 answers a missing one with success too."""
+        self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
 
     def delete_prefix(self, prefix: str) -> None:
         full = self._full(prefix.rstrip("/")) + "/"

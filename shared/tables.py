@@ -1,4 +1,4 @@
-"""ORM tables: tenants, their API keys, jobs, idempotency keys and the webhook outbox.
+"""ORM tables: tenants, their API keys, jobs, batches of jobs, idempotency keys and the webhook outbox.
 
 Status changes go through shared.jobs, never here.
 """
@@ -81,6 +81,12 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Jobs with equal batch keys can share one pipeline call (same model, task, size, steps, ...).
     batch_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The client's batch (POST /v1/batches) this job belongs to; unrelated to batch_key above.
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE", name="fk_jobs_batch_id_batches"), nullable=True, index=True
+    )
+    # The job's place in its batch's request (0-based), the order GET /v1/batches/{id} lists them in.
+    batch_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     outputs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
@@ -98,6 +104,27 @@ class Job(Base):
     # Where and for which events to POST signed notifications (shared.webhooks); None: no webhooks.
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # Set when retention (or DELETE) expires the job: the status it had ended with, so counts of finished
+    # jobs by outcome (/metrics) do not shrink as jobs expire.
+    ended_as: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class Batch(Base):
+    """Jobs a client submitted together (POST /v1/batches). `remaining` counts the jobs not yet ended; the
+    conditional decrement that takes it to 0 is what sends `batch.completed`, exactly once."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    total: Mapped[int] = mapped_column(Integer)
+    remaining: Mapped[int] = mapped_column(Integer)
+    client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class IdempotencyKey(Base):
@@ -141,7 +168,13 @@ class WebhookDelivery(Base):
 
     # Also the `webhook-id` header, identical on every retry so receivers can deduplicate.
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # A delivery reports on a job, or (`batch.completed`) on a batch.
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True, nullable=True)
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE", name="fk_webhook_deliveries_batch_id_batches"),
+        index=True,
+        nullable=True,
+    )
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     event: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(Text)

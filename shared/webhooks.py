@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,7 +38,8 @@ log = logging.getLogger("darkroom.webhooks")
 
 TASK_DELIVER = "webhooks.deliver"
 QUEUE = "webhooks"
-EVENTS = ("started", "progress", "succeeded", "failed", "canceled")
+EVENTS = ("started", "progress", "succeeded", "failed", "canceled", "expired")
+BATCH_COMPLETED = "batch.completed"
 DEFAULT_EVENTS = ("succeeded", "failed", "canceled")
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 # Seconds before retry n (after attempt n failed), times DARKROOM_WEBHOOK_BACKOFF_SCALE, +-20 % jitter:
@@ -91,15 +93,33 @@ def is_disabled(session: Session, tenant_id: str, url: str) -> bool:
 def add_delivery(session: Session, job: Job, event: str) -> str | None:
     """Write the outbox row for `event`; returns its id when it is to be sent (None: URL disabled)."""
     assert job.webhook_url is not None
+    return add_row(
+        session, tenant_id=job.tenant_id, url=job.webhook_url, event=event, data=job_view(None, job), job_id=job.id
+    )
+
+
+def add_row(
+    session: Session,
+    *,
+    tenant_id: str,
+    url: str,
+    event: str,
+    data: dict[str, Any],
+    job_id: str | None = None,
+    batch_id: str | None = None,
+) -> str | None:
+    """The outbox row of a job event (`job.<event>`) or a batch one (`batch.completed`); its id unless disabled."""
     now = utcnow()
-    body = {"type": f"job.{event}", "timestamp": now.isoformat().replace("+00:00", "Z"), "data": job_view(None, job)}
-    disabled = is_disabled(session, job.tenant_id, job.webhook_url)
+    kind = event if event.startswith("batch.") else f"job.{event}"
+    body = {"type": kind, "timestamp": now.isoformat().replace("+00:00", "Z"), "data": data}
+    disabled = is_disabled(session, tenant_id, url)
     delivery = WebhookDelivery(
         id=f"msg_{uuid.uuid4().hex}",
-        job_id=job.id,
-        tenant_id=job.tenant_id,
+        job_id=job_id,
+        batch_id=batch_id,
+        tenant_id=tenant_id,
         event=event,
-        url=job.webhook_url,
+        url=url,
         payload=json.dumps(body, separators=(",", ":")),
         status=FAILED if disabled else PENDING,
         attempts=0,

@@ -7,8 +7,9 @@ import binascii
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.orm import Session
@@ -17,15 +18,15 @@ from starlette.concurrency import run_in_threadpool
 from api import live
 from api.deps import SessionDep, TenantDep
 from api.errors import responses
-from api.generation import read_inputs, store_inputs
+from api.generation import Inputs, read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
-from shared import broker, idempotency, jobs
+from shared import broker, idempotency, jobs, retention
 from shared.db import session_scope
 from shared.errors import InvalidRequest
 from shared.job_view import job_view
 from shared.policy import check_prompt, policy_for
-from shared.registry import get_registry
+from shared.registry import ModelSpec, get_registry
 from shared.scheduling import batch_key
 from shared.settings import get_settings
 from shared.storage import get_storage
@@ -46,9 +47,18 @@ def _read(job_id: str, tenant_id: str) -> JobRead:
         return to_read(jobs.get_job(session, job_id, tenant_id), session)
 
 
-def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, bool]:
-    """Create and publish the job, or find the one this idempotency key made. Returns (job, replayed)."""
-    # 1. Validate everything first: an invalid request does not use up its idempotency key.
+@dataclass
+class PreparedJob:
+    """A request that passed every check POST /v1/jobs makes, ready to be stored and inserted."""
+
+    body: JobCreate
+    spec: ModelSpec
+    request: dict[str, Any]
+    inputs: Inputs
+
+
+def prepare_job(body: JobCreate, tenant_id: str) -> PreparedJob:
+    """Validate a job request as POST /v1/jobs does (POST /v1/batches runs each of its jobs through here)."""
     settings = get_settings()
     # Cheap refusals first: the content policy, then input images (fetched and decoded here, so a bad
     # image is a 422 now rather than a failed job later), then the model's limits.
@@ -61,6 +71,40 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
     request["nsfw"] = policy.nsfw
     if body.webhook_url is not None:
         validate_webhook_url(body.webhook_url, allow_private=settings.webhook_allow_private)
+    return PreparedJob(body, spec, request, inputs)
+
+
+def insert_job(
+    session: Session,
+    prepared: PreparedJob,
+    tenant_id: str,
+    job_id: str,
+    *,
+    batch_id: str | None = None,
+    batch_index: int | None = None,
+) -> Job:
+    """Insert a prepared job (its inputs already stored under `job_id`) in the caller's transaction."""
+    body, request = prepared.body, prepared.request
+    return jobs.create_job(
+        session,
+        job_id=job_id,
+        tenant_id=tenant_id,
+        model=prepared.spec.name,
+        queue=broker.queue_for_model(prepared.spec.name),
+        request=request,
+        metadata=body.metadata,
+        webhook_url=body.webhook_url,
+        webhook_events=list(body.webhook_events) if body.webhook_events else None,
+        batch_key=batch_key(request),
+        batch_id=batch_id,
+        batch_index=batch_index,
+    )
+
+
+def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, bool]:
+    """Create and publish the job, or find the one this idempotency key made. Returns (job, replayed)."""
+    # 1. Validate everything first: an invalid request does not use up its idempotency key.
+    prepared = prepare_job(body, tenant_id)
     # 2. Claim the key, or replay what its first request created.
     if key is not None:
         fingerprint = idempotency.fingerprint("POST", "/v1/jobs", body.model_dump(mode="json", exclude_unset=True))
@@ -71,20 +115,9 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
     # Inputs are stored only once the key is ours, so a replay leaves no orphaned images behind.
     try:
         job_id = new_id()
-        store_inputs(get_storage(), job_id, inputs, request)
+        store_inputs(get_storage(), job_id, prepared.inputs, prepared.request)
         with session_scope() as session:
-            job = jobs.create_job(
-                session,
-                job_id=job_id,
-                tenant_id=tenant_id,
-                model=spec.name,
-                queue=broker.queue_for_model(spec.name),
-                request=request,
-                metadata=body.metadata,
-                webhook_url=body.webhook_url,
-                webhook_events=list(body.webhook_events) if body.webhook_events else None,
-                batch_key=batch_key(request),
-            )
+            job = insert_job(session, prepared, tenant_id, job_id)
             if key is not None:
                 idempotency.complete(session, tenant_id, key, status=202, body=None, job_id=job.id)
             # Rendered inside the creating transaction: once it commits, the answer is a 202 whatever the
@@ -202,3 +235,9 @@ def cancel_job(job_id: str, tenant_id: TenantDep) -> JobRead:
         # progress write, so a missing Redis flag only makes it stop a little later.
         log.warning("cancel flag for %s not set (%s)", job_id, type(exc).__name__)
     return to_read(job)
+
+
+@router.delete("/{job_id}", response_model=JobRead, responses=responses(401, 404, 409))
+def delete_job(job_id: str, tenant_id: TenantDep) -> JobRead:
+    """Delete a finished job's images now; the job stays, as `expired`. Queued or running: 409, cancel first."""
+    return to_read(retention.delete_job(job_id, tenant_id))

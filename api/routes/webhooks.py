@@ -96,6 +96,7 @@ def delivery_read(session: Any, delivery: WebhookDelivery) -> WebhookDeliveryRea
                 for name in (
                     "id",
                     "job_id",
+                    "batch_id",
                     "event",
                     "url",
                     "status",
