@@ -40,6 +40,22 @@ def test_every_route_with_an_id_hides_other_tenants_objects(client: TestClient, 
     assert client.get(f"/v1/jobs/{job}", headers=alice).json()["status"] == "queued"
 
 
+def test_every_batch_route_hides_other_tenants_batches(client: TestClient, app: Any) -> None:
+    alice, bob = make_key("alice-batches"), make_key("bob-batches")
+    created = client.post("/v1/batches", json={"job": {"prompt": "mine", "steps": 1}, "seeds": [1, 2]}, headers=alice)
+    batch = created.json()["id"]
+    paths = app.openapi()["paths"]
+    routes = [(m.upper(), path) for path, ops in paths.items() if "{batch_id}" in path for m in ops]
+    assert len(routes) >= 3, routes
+    for method, path in routes:
+        response = client.request(method, path.replace("{batch_id}", batch), headers=bob)
+        assert response.status_code == 404, (method, path, response.status_code)
+        missing = client.request(method, path.replace("{batch_id}", uuid.uuid4().hex), headers=bob)
+        assert response.json()["error"]["code"] == missing.json()["error"]["code"] == "not_found"
+    assert batch not in [b["id"] for b in client.get("/v1/batches", headers=bob).json()["data"]]
+    assert client.get(f"/v1/batches/{batch}", headers=alice).json()["status"] == "queued"
+
+
 def test_admin_routes_need_an_admin_tenant(client: TestClient) -> None:
     for path in ("/v1/admin/workers", "/v1/admin/queues"):
         assert client.get(path).status_code == 401
