@@ -9,11 +9,14 @@ with Client("http://127.0.0.1:8000", api_key) as darkroom:
 from client.aio import AsyncClient
 from client.protocol import DarkroomAPIError, Event
 from client.sync import Client
-from client.types import Job, JobList, Output, WebhookPayload
+from client.types import Batch, BatchList, BatchSummary, Job, JobList, Output, WebhookPayload
 from client.webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "AsyncClient",
+    "Batch",
+    "BatchList",
+    "BatchSummary",
     "Client",
     "DarkroomAPIError",
     "Event",

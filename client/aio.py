@@ -14,13 +14,19 @@ from client.protocol import (
     DarkroomAPIError,
     Event,
     SSEParser,
+    batch_body,
     job_body,
     progress_events,
     raise_for_error,
     retry_delay,
     submit_options,
 )
-from client.types import Job, JobList
+from client.types import Batch, BatchList, Job, JobList
+
+# Module-level names: inside the class, `list` is the method that lists jobs.
+JobBodies = list[dict[str, Any]]
+Prompts = list[str]
+Seeds = list[int]
 
 __all__ = ["AsyncClient"]
 
@@ -94,6 +100,38 @@ class AsyncClient:
     async def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> JobList:
         params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
         return cast(JobList, await self._request("GET", "/v1/jobs", params=params))
+
+    async def batch(
+        self,
+        jobs: JobBodies | None = None,
+        *,
+        job: dict[str, Any] | None = None,
+        prompts: Prompts | None = None,
+        seeds: Seeds | None = None,
+        webhook_url: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Batch:
+        """Submit many jobs at once: `jobs` (job bodies), or one `job` with `prompts` or `seeds`. All or none."""
+        headers, _ = submit_options(idempotency_key, None, None)
+        body = batch_body(jobs, job, prompts, seeds, webhook_url, metadata)
+        return cast(Batch, await self._request("POST", "/v1/batches", json=body, headers=headers))
+
+    async def get_batch(self, batch_id: str) -> Batch:
+        """A batch: aggregate status, counts per job status, and its jobs."""
+        return cast(Batch, await self._request("GET", f"/v1/batches/{batch_id}"))
+
+    async def cancel_batch(self, batch_id: str) -> Batch:
+        """Cancel every job of the batch that has not ended."""
+        return cast(Batch, await self._request("POST", f"/v1/batches/{batch_id}/cancel"))
+
+    async def list_batches(self, *, limit: int = 20, cursor: str | None = None) -> BatchList:
+        params = {k: v for k, v in {"limit": limit, "cursor": cursor}.items() if v is not None}
+        return cast(BatchList, await self._request("GET", "/v1/batches", params=params))
+
+    async def delete(self, job_id: str) -> Job:
+        """Delete a finished job's images now; the job stays, as `expired`."""
+        return cast(Job, await self._request("DELETE", f"/v1/jobs/{job_id}"))
 
     async def events(self, job_id: str, *, last_event_id: str | None = None) -> AsyncIterator[Event]:
         """Yield the job's live events (Event) until the terminal one; resumes itself after a dropped line."""

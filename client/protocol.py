@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = ("succeeded", "failed", "canceled", "expired")
 RETRY_STATUSES = (429, 503)
 MAX_RETRY_AFTER = 30.0
 
@@ -73,6 +73,18 @@ def submit_options(
 
 def job_body(prompt: str, fields: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
+
+
+def batch_body(
+    jobs: list[dict[str, Any]] | None,
+    job: dict[str, Any] | None,
+    prompts: list[str] | None,
+    seeds: list[int] | None,
+    webhook_url: str | None,
+    metadata: dict[str, Any] | None,
+) -> dict[str, Any]:
+    fields = {"jobs": jobs, "job": job, "prompts": prompts, "seeds": seeds, "webhook_url": webhook_url}
+    return {k: v for k, v in {**fields, "metadata": metadata}.items() if v is not None}
 
 
 @dataclass

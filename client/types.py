@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-WebhookEventName = Literal["started", "progress", "succeeded", "failed", "canceled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+WebhookEventName = Literal["started", "progress", "succeeded", "failed", "canceled", "expired"]
+BatchStatus = Literal["queued", "running", "completed", "canceled"]
 
 
 class Progress(TypedDict):
@@ -53,8 +54,40 @@ class JobList(TypedDict):
     next_cursor: str | None
 
 
+class BatchCounts(TypedDict):
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    canceled: int
+    expired: int
+
+
+class BatchSummary(TypedDict):
+    id: str
+    status: BatchStatus
+    total: int
+    counts: BatchCounts
+    created_at: str
+    completed_at: str | None
+    canceled_at: str | None
+    metadata: dict[str, Any] | None
+    webhook_url: str | None
+
+
+class Batch(BatchSummary):
+    jobs: list[Job]
+
+
+class BatchList(TypedDict):
+    data: list[BatchSummary]
+    next_cursor: str | None
+
+
 class WebhookPayload(TypedDict):
-    """The body of a webhook delivery: `type` is `job.<event>`, `data` the job as GET returns it."""
+    """The body of a job's webhook delivery: `type` is `job.<event>`, `data` the job as GET returns it.
+
+    A batch's delivery has `type` `batch.completed` and the batch (`Batch`) as `data`."""
 
     type: str
     timestamp: str

@@ -52,9 +52,7 @@ def finish(job_id: str, how: str = "succeeded") -> None:
 
 def batch_deliveries(batch_id: str) -> list[str]:
     with session_scope() as session:
-        return list(
-            session.scalars(select(WebhookDelivery.id).where(WebhookDelivery.batch_id == batch_id)).all()
-        )
+        return list(session.scalars(select(WebhookDelivery.id).where(WebhookDelivery.batch_id == batch_id)).all())
 
 
 def test_a_batch_from_a_list_queues_every_job_in_order(api: TestClient, auth: dict[str, str]) -> None:
