@@ -23,7 +23,8 @@ EVENTS_DESCRIPTION = """
 * `progress` `{"step": 3, "total": 20}`, and every few steps (`DARKROOM_PREVIEW_EVERY_STEPS`) a `preview`: a small
   JPEG `data:` URI of the job's first image so far, drawn from the latents (one pixel per latent pixel, so
   1/8 of the size; models with another latent space send none)
-* `succeeded` | `failed` | `canceled`: the job exactly as `GET /v1/jobs/{id}` returns it; then the stream closes.
+* `succeeded` | `failed` | `canceled` | `expired`: the job exactly as `GET /v1/jobs/{id}` returns it; then
+  the stream closes.
 
 Events carry ids: reconnect with `Last-Event-ID` to resume after the last one you saw. A new connection
 without it replays the job's events from the start (kept for 24 h), so a finished job answers with its
