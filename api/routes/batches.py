@@ -69,11 +69,13 @@ def _expand(body: BatchCreate) -> list[tuple[JobCreate, Locate]]:
 
 
 def _prepare(body: BatchCreate, tenant_id: str) -> list[PreparedJob]:
-    items = _expand(body)
+    # The cap first, before any job is built or checked.
     cap = get_settings().max_jobs_per_batch
-    if len(items) > cap:
-        name = "jobs" if body.jobs is not None else "prompts" if body.prompts is not None else "seeds"
-        raise InvalidRequest(f"{name}: at most {cap} jobs per batch, got {len(items)}")
+    for name in ("jobs", "prompts", "seeds"):
+        given = getattr(body, name)
+        if given is not None and len(given) > cap:
+            raise InvalidRequest(f"{name}: at most {cap} jobs per batch, got {len(given)}")
+    items = _expand(body)
     if body.webhook_url is not None:
         validate_webhook_url(body.webhook_url, allow_private=get_settings().webhook_allow_private)
     prepared = []

@@ -19,9 +19,20 @@ from shared.batch_view import batch_view
 from shared.batches import create_batch
 from shared.broker import queue_for_model
 from shared.db import session_scope
-from shared.errors import InvalidRequest
+from shared.errors import IllegalTransition, InvalidRequest
 from shared.job_view import job_view
-from shared.jobs import claim_job, create_job, get_job, status_counts, succeed_job
+from shared.jobs import (
+    CANCELED,
+    EXPIRED,
+    QUEUED,
+    claim_job,
+    create_job,
+    expire_job,
+    get_job,
+    status_counts,
+    succeed_job,
+    transition,
+)
 from shared.storage import Storage, get_storage, input_key, output_key
 from shared.tables import Batch, Job, WebhookDelivery, utcnow
 from shared.uploads import create_upload, resolve_upload
@@ -109,6 +120,18 @@ def test_the_sweep_expires_only_jobs_past_their_tenants_retention(
     assert retention.sweep(now=utcnow() + timedelta(hours=721))["jobs_expired"] == 1
     assert view(theirs)["status"] == "expired" and not any(exists(storage, k) for k in keys(theirs))
     assert view(queued)["status"] == "queued"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_only_an_ended_job_can_expire_and_an_expired_one_stays_so(new_job: Callable[..., str]) -> None:
+    job_id = new_job()
+    with session_scope() as session, pytest.raises(IllegalTransition):
+        transition(session, job_id, from_=[QUEUED], to=EXPIRED)
+    with session_scope() as session:
+        assert not expire_job(session, job_id)  # queued: not a source of `expired`, nothing changes
+        assert get_job(session, job_id).status == QUEUED
+    with session_scope() as session, pytest.raises(IllegalTransition):
+        transition(session, job_id, from_=[EXPIRED], to=CANCELED)
 
 
 def status_counts_of_model() -> list[tuple[str, str, str | None, int]]:
