@@ -202,6 +202,14 @@ def test_batch_completed_is_signed_and_delivered_once(api: TestClient, auth: dic
         2,
         batch["id"],
     )
+    # A batch delivery can be replayed like a job's.
+    retried = api.post(f"/v1/webhooks/{delivery_id}/retry", headers=auth)
+    assert retried.status_code == 202, retried.text
+    assert (retried.json()["batch_id"], retried.json()["job_id"], retried.json()["status"]) == (
+        batch["id"],
+        None,
+        "pending",
+    )
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
