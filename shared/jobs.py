@@ -255,7 +255,9 @@ def cancel_batch_jobs(session: Session, batch_id: str) -> list[str]:
     One UPDATE for all of them, so this takes the jobs' row locks before the batch's (each canceled job
     counts the batch down), in the same order as a worker finishing a job does: the two cannot deadlock.
     """
-    assert all(CANCELED in TRANSITIONS[s] for s in (QUEUED, RUNNING))
+    for source in (QUEUED, RUNNING):
+        if CANCELED not in TRANSITIONS[source]:
+            raise IllegalTransition(f"job status cannot go from {source!r} to {CANCELED!r}")
     now = utcnow()
     stmt = (
         update(Job)
