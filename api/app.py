@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from api import errors
 from api.context import RequestContext
 from api.limits import BodySizeLimit
-from api.routes import admin, events, files, health, jobs, metrics, models, uploads, webhooks
+from api.routes import admin, events, files, health, jobs, metrics, models, uploads, usage, webhooks
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -18,7 +18,9 @@ Every `/v1` route needs `Authorization: Bearer <key>`. Errors are `{"error": {"c
 
 For product backends: `Idempotency-Key` on creating POSTs makes retries safe; `webhook_url` on a job gets
 signed Standard Webhooks notifications; `GET /v1/jobs/{id}/events` streams live progress (SSE);
-`GET /v1/jobs/{id}?wait=N` and `Prefer: wait=N` on submit long-poll for the result.
+`GET /v1/jobs/{id}?wait=N` and `Prefer: wait=N` on submit long-poll for the result. Per-tenant limits
+(request rate, queued and running jobs, images per period) answer 429 with `Retry-After`; `GET /v1/usage`
+shows them.
 """
 
 
@@ -26,7 +28,7 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="darkroom", version="1", description=DESCRIPTION)
     errors.install(app)
-    for module in (jobs, events, webhooks, models, uploads, health, files, admin, metrics):
+    for module in (jobs, events, webhooks, models, uploads, usage, health, files, admin, metrics):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost, so the request id is known to every log line and echoed on every response, refusals too.
