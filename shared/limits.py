@@ -290,15 +290,16 @@ def check_queued(session: Session, tenant_id: str, limits: TenantLimits) -> None
 
 def running_caps(session: Session, tenant_ids: set[str]) -> dict[str, int]:
     """max_running of each of these tenants that has one (empty at once when no tenant can have one)."""
-    if not tenant_ids or not (get_settings().tenant_max_running or _any_tenant_sets("max_running")):
+    if not tenant_ids or not any_running_caps():
         return {}
     names = dict(session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(sorted(tenant_ids)))).all())
     caps = {tenant: limits_for(name).max_running for tenant, name in names.items()}
     return {tenant: cap for tenant, cap in caps.items() if cap}
 
 
-def _any_tenant_sets(key: str) -> bool:
-    return any(key in tenant_entry(name) for name in tenant_names())
+def any_running_caps() -> bool:
+    """Whether any tenant can have a max_running; when none can, schedulers skip the cap's queries."""
+    return bool(get_settings().tenant_max_running) or any("max_running" in tenant_entry(n) for n in tenant_names())
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
-from shared import broker
+from shared import broker, limits
 from shared.broker import TASK_RUN_JOB
 from shared.db import retry_unit_of_work, session_scope
 from shared.jobs import fail_job, hand_back, succeed_job
@@ -115,6 +115,8 @@ def run_job(job_id: str) -> str:
 def wake_held_back(tenants: set[str], freed: int) -> None:
     """Our jobs ended, freeing `freed` running slots: give queues where a capped tenant's jobs wait (their
     tokens spent while it was at its cap, see shared.scheduling) a token per freed slot."""
+    if not limits.any_running_caps():
+        return
     try:
         with session_scope() as session:
             waiting = held_back_queues(session, tenants)
