@@ -8,6 +8,7 @@ from api import errors
 from api.context import RequestContext
 from api.limits import BodySizeLimit
 from api.routes import admin, events, files, health, jobs, metrics, models, uploads, usage, webhooks
+from shared import limits
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -26,6 +27,7 @@ shows them.
 
 def create_app() -> FastAPI:
     settings = get_settings()
+    limits.check_tenant_file()
     app = FastAPI(title="darkroom", version="1", description=DESCRIPTION)
     errors.install(app)
     for module in (jobs, events, webhooks, models, uploads, usage, health, files, admin, metrics):

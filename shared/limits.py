@@ -94,6 +94,13 @@ def limits_for(tenant_name: str) -> TenantLimits:
     )
 
 
+def check_tenant_file() -> None:
+    """Read every tenant's limits once, so that a bad value stops the API at start with a message naming
+    the tenant and the key, rather than failing that tenant's every request."""
+    for name in tenant_names():
+        limits_for(name)
+
+
 @lru_cache(maxsize=10_000)
 def tenant_name(tenant_id: str) -> str:
     # Tenants are never renamed and ids are never reused, so a process may remember names for good.

@@ -12,11 +12,15 @@ from fastapi.testclient import TestClient
 from shared.db import session_scope
 from shared.scheduling import claim_jobs
 from shared.tenant_config import reset_tenant_config
-from tests.support import reset_caches
+from shared.tenants import create_key
+from tests.support import free_port, reset_caches
 
 TENANTS = """
 [tenants.chatty]
 rate_per_minute = 4
+
+[tenants.capped]
+max_running = 1
 
 [tenants.acme]
 max_queued = 2
@@ -143,3 +147,55 @@ def test_usage_of_an_unlimited_tenant(api: TestClient, auth: dict[str, str]) -> 
     assert all(entry["limit"] is None and entry["remaining"] is None for entry in limits.values())
     assert limits["queued_jobs"]["used"] == 1
     assert api.get("/v1/usage").status_code == 401
+
+
+def test_usage_shows_running_jobs_against_the_cap(
+    limited: TestClient, make_key: Callable[[str], dict[str, str]]
+) -> None:
+    capped = make_key("capped")
+    submit(limited, capped), submit(limited, capped)
+    for _ in range(2):  # two free workers; the cap lets one job run
+        with session_scope() as session:
+            claim_jobs(session, "model.tiny-sd", worker_id="w", lease_seconds=30)
+    limits = usage(limited, capped)
+    assert {k: limits["running_jobs"][k] for k in ("limit", "used", "remaining")} == {
+        "limit": 1,
+        "used": 1,
+        "remaining": 0,
+    }
+    assert limits["queued_jobs"]["used"] == 1
+
+
+def test_a_bad_tenant_file_stops_the_api_at_start(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "tenants.toml"
+    path.write_text('[tenants.acme]\nmax_running = "four"\n')
+    monkeypatch.setenv("DARKROOM_TENANT_POLICY_FILE", str(path))
+    reset_caches()
+    reset_tenant_config()
+    from api.app import create_app
+
+    with pytest.raises(ValueError, match="tenant 'acme': max_running must be a whole number"):
+        create_app()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_with_redis_unreachable_rate_and_quota_let_requests_through(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The database still takes jobs while Redis is down (the reconciler publishes them later); the
+    # counters that live in Redis must not turn that into an outage.
+    path = tmp_path / "tenants.toml"
+    path.write_text("[tenants.acme]\nrate_per_minute = 1\nimages_per_period = 1\n")
+    monkeypatch.setenv("DARKROOM_TENANT_POLICY_FILE", str(path))
+    monkeypatch.setenv("DARKROOM_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    reset_caches()
+    reset_tenant_config()
+    from api.app import create_app
+
+    with session_scope() as session:
+        acme = {"Authorization": f"Bearer {create_key(session, 'acme')}"}
+    with TestClient(create_app()) as api:
+        assert [submit(api, acme, num_images=2).status_code for _ in range(2)] == [202, 202]
+        assert api.get("/v1/usage", headers=acme).status_code == 503
