@@ -253,7 +253,8 @@ def refund_images(tenant_id: str, limits: TenantLimits, n: int) -> None:
 def lock_tenant(session: Session, tenant_id: str, purpose: str) -> None:
     """Until this transaction ends, whoever else counts `purpose` for this tenant waits (PostgreSQL).
 
-    SQLite needs no lock: it has one writer at a time, and callers count after their own write.
+    SQLite has none: it has one writer at a time, so `check_queued`, which counts after its own insert, is
+    exact there too; the running cap is counted before the claim's write, exact with one worker process.
     """
     if session.get_bind().dialect.name != "postgresql":
         return
