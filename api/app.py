@@ -7,7 +7,8 @@ from fastapi import FastAPI
 from api import errors
 from api.context import RequestContext
 from api.limits import BodySizeLimit
-from api.routes import admin, batches, events, files, health, jobs, metrics, models, uploads, webhooks
+from api.routes import admin, batches, events, files, health, jobs, metrics, models, uploads, usage, webhooks
+from shared import limits
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -20,15 +21,17 @@ For product backends: `Idempotency-Key` on creating POSTs makes retries safe; `w
 signed Standard Webhooks notifications; `GET /v1/jobs/{id}/events` streams live progress (SSE);
 `GET /v1/jobs/{id}?wait=N` and `Prefer: wait=N` on submit long-poll for the result; `POST /v1/batches`
 submits many jobs at once. Images expire after a retention period (the job then reads `expired`);
-`DELETE /v1/jobs/{id}` deletes them at once.
+`DELETE /v1/jobs/{id}` deletes them at once. Per-tenant limits (request rate, queued and running jobs,
+images per period) answer 429 with `Retry-After`; `GET /v1/usage` shows them.
 """
 
 
 def create_app() -> FastAPI:
     settings = get_settings()
+    limits.check_tenant_file()
     app = FastAPI(title="darkroom", version="1", description=DESCRIPTION)
     errors.install(app)
-    for module in (jobs, batches, events, webhooks, models, uploads, health, files, admin, metrics):
+    for module in (jobs, batches, events, webhooks, models, uploads, usage, health, files, admin, metrics):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost, so the request id is known to every log line and echoed on every response, refusals too.

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from shared import logs
+from shared import limits, logs
 from shared.db import session_scope
 from shared.errors import Forbidden, Unauthorized
 from shared.tenants import authenticate, is_admin
@@ -25,7 +25,8 @@ def get_session() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_tenant(request: Request) -> str:
+def authenticate_request(request: Request) -> str:
+    """The tenant of the request's API key (401 without a valid one); not counted against its rate."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -44,7 +45,16 @@ def get_tenant(request: Request) -> str:
     return tenant_id
 
 
+def get_tenant(request: Request) -> str:
+    """The authenticated tenant, with this request counted against its rate limit (429 past it)."""
+    tenant_id = authenticate_request(request)
+    limits.check_rate(tenant_id, limits.limits_for(limits.tenant_name(tenant_id)))
+    return tenant_id
+
+
 TenantDep = Annotated[str, Depends(get_tenant)]
+# For GET /v1/usage: a tenant told it is rate limited must still be able to see why and until when.
+UnmeteredTenantDep = Annotated[str, Depends(authenticate_request)]
 
 
 def get_admin(tenant_id: TenantDep) -> str:

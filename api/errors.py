@@ -26,6 +26,12 @@ STATUS_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
+    429: "rate_limited",
+}
+# Routes that never count against a tenant's limits, so never answer 429 (see api.deps).
+UNMETERED = frozenset({"/v1/usage"})
+RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer", "minimum": 1}}
 }
 
 
@@ -95,7 +101,8 @@ def document_errors(app: FastAPI) -> None:
     """Make the OpenAPI document tell the truth about errors, which every route renders as ErrorResponse.
 
     FastAPI documents its own 422 body (HTTPValidationError); ours is ErrorResponse. Every authenticated
-    route can also answer 401, and 503 while the database is down; every route with a body 413.
+    route can also answer 401, 429 past the tenant's rate limit, and 503 while the database is down; every
+    route with a body 413.
     """
     from fastapi.openapi.utils import get_openapi
 
@@ -122,8 +129,15 @@ def document_errors(app: FastAPI) -> None:
                     wanted |= {"401", "503"}
                 if "requestBody" in operation:
                     wanted |= {"413"}
+                if path.startswith("/v1/") and path not in UNMETERED:
+                    wanted |= {"429"}
                 for status in wanted:
                     answers[status] = {**error, "description": answers.get(status, {}).get("description", "Error")}
+                if "429" in answers:
+                    answers["429"]["description"] = (
+                        "A per-tenant limit refused the request (`code` names it; GET /v1/usage shows them all)."
+                    )
+                    answers["429"]["headers"] = RETRY_AFTER
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
         app.openapi_schema = schema

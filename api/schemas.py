@@ -18,6 +18,7 @@ MAX_SEED = 2**32 - 1
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
 WebhookEvent = Literal["started", "progress", "succeeded", "failed", "canceled", "expired"]
+Priority = Literal["low", "normal", "high"]
 
 
 class JobCreate(BaseModel):
@@ -40,6 +41,7 @@ class JobCreate(BaseModel):
                     "metadata": {"campaign": "spring"},
                     "webhook_url": "https://example.com/hooks/darkroom",
                     "webhook_events": ["succeeded", "failed", "canceled"],
+                    "priority": "high",
                 }
             ]
         },
@@ -65,6 +67,11 @@ class JobCreate(BaseModel):
         None,
         min_length=1,
         description="Events to send to `webhook_url`; default the terminal ones: succeeded, failed, canceled.",
+    )
+    priority: Priority = Field(
+        "normal",
+        description="low, normal or high: workers take higher priorities first (then share fairly between "
+        "tenants). Above your tenant's maximum priority (GET /v1/usage) is a 422.",
     )
     task: Task = Field("txt2img", description="txt2img, img2img, inpaint or upscale.")
     image: str | None = Field(
@@ -179,6 +186,7 @@ class JobRead(BaseModel):
                 {
                     "id": "3f1c2a9be0d94c51a7f0d6b1c2e3f4a5",
                     "status": "queued",
+                    "priority": "normal",
                     "model": "tiny-sd",
                     "request": {"task": "txt2img", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4},
                     "created_at": "2026-01-01T12:00:00Z",
@@ -198,6 +206,7 @@ class JobRead(BaseModel):
 
     id: str
     status: JobStatus
+    priority: Priority = "normal"
     model: str
     request: dict[str, Any]
     created_at: datetime
@@ -345,3 +354,58 @@ class WebhookDeliveryRead(BaseModel):
 
 class WebhookDeliveryList(BaseModel):
     data: list[WebhookDeliveryRead]
+
+
+class LimitRead(BaseModel):
+    limit: int | None = Field(description="The most allowed; null: unlimited.")
+    used: int
+    remaining: int | None = Field(description="limit - used, never below 0; null: unlimited.")
+    resets_at: datetime | None = Field(description="When `used` next goes down by itself; null when it does not.")
+    description: str
+
+
+class UsageRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "tenant": "acme",
+                    "max_priority": "normal",
+                    "limits": {
+                        "requests": {
+                            "limit": 600,
+                            "used": 12,
+                            "remaining": 588,
+                            "resets_at": "2026-01-01T12:00:41Z",
+                            "description": "Requests in the last 60 s (rolling).",
+                        },
+                        "queued_jobs": {
+                            "limit": 1000,
+                            "used": 40,
+                            "remaining": 960,
+                            "resets_at": None,
+                            "description": "Your jobs queued now.",
+                        },
+                        "running_jobs": {
+                            "limit": 4,
+                            "used": 4,
+                            "remaining": 0,
+                            "resets_at": None,
+                            "description": "Your jobs running now.",
+                        },
+                        "images": {
+                            "limit": 50000,
+                            "used": 1234,
+                            "remaining": 48766,
+                            "resets_at": "2026-02-01T00:00:00Z",
+                            "description": "Images submitted in this quota period (month).",
+                        },
+                    },
+                }
+            ]
+        }
+    )
+
+    tenant: str
+    max_priority: Priority = Field(description="The highest `priority` your jobs may ask for.")
+    limits: dict[str, LimitRead] = Field(description="requests, queued_jobs, running_jobs and images.")

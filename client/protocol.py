@@ -38,7 +38,8 @@ def retry_delay(response: httpx.Response, attempt: int) -> float | None:
     """Seconds to wait before retrying this answer, or None when it is not worth retrying.
 
     429 and 503 are retried, as is 409 `idempotency_key_in_flight` (our own earlier try is still running).
-    Retry-After is honoured up to MAX_RETRY_AFTER; without it the wait doubles from 0.5 s.
+    Retry-After is honoured; one longer than MAX_RETRY_AFTER (an images quota that resets tomorrow) is not
+    waited out but raised at once. Without it the wait doubles from 0.5 s.
     """
     retryable = response.status_code in RETRY_STATUSES
     if response.status_code == 409:
@@ -50,9 +51,10 @@ def retry_delay(response: httpx.Response, attempt: int) -> float | None:
         return None
     header = response.headers.get("retry-after", "")
     try:
-        return min(max(float(header), 0.0), MAX_RETRY_AFTER)
+        seconds = max(float(header), 0.0)
     except ValueError:
         return min(0.5 * 2**attempt, MAX_RETRY_AFTER)
+    return seconds if seconds <= MAX_RETRY_AFTER else None
 
 
 def new_idempotency_key() -> str:

@@ -20,7 +20,7 @@ from client.protocol import (
     retry_delay,
     submit_options,
 )
-from client.types import Batch, BatchList, Job, JobList
+from client.types import Batch, BatchList, Job, JobList, Usage
 
 # Module-level names: inside the class, `list` is the method that lists jobs.
 JobBodies = list[dict[str, Any]]
@@ -95,6 +95,10 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         return cast(Job, self._request("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def usage(self) -> Usage:
+        """Your limits and what you have used of each (never counted against the rate limit)."""
+        return cast(Usage, self._request("GET", "/v1/usage"))
 
     def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> JobList:
         params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypedDict
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+Priority = Literal["low", "normal", "high"]
 WebhookEventName = Literal["started", "progress", "succeeded", "failed", "canceled", "expired"]
 BatchStatus = Literal["queued", "running", "completed", "canceled"]
 
@@ -35,6 +36,7 @@ class JobWebhook(TypedDict):
 class Job(TypedDict):
     id: str
     status: JobStatus
+    priority: Priority
     model: str
     request: dict[str, Any]
     created_at: str
@@ -92,3 +94,19 @@ class WebhookPayload(TypedDict):
     type: str
     timestamp: str
     data: Job
+
+
+class LimitUsage(TypedDict):
+    limit: int | None  # None: unlimited
+    used: int
+    remaining: int | None
+    resets_at: str | None
+    description: str
+
+
+class Usage(TypedDict):
+    """GET /v1/usage: `limits` has `requests`, `queued_jobs`, `running_jobs` and `images`."""
+
+    tenant: str
+    max_priority: Priority
+    limits: dict[str, LimitUsage]

@@ -45,6 +45,13 @@ class Forbidden(DarkroomError):
     code = "forbidden"
 
 
+class TooManyRequests(DarkroomError):
+    """A per-tenant limit refused the request; `code` names the limit and `Retry-After` says when to retry."""
+
+    status_code = 429
+    code = "rate_limited"
+
+
 class ServiceUnavailable(DarkroomError):
     status_code = 503
     code = "service_unavailable"

@@ -14,10 +14,12 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from shared import broker
+from shared.limits import PRIORITIES
 from shared.settings import get_settings
 from shared.storage import get_storage
 from shared.tables import Job
 
+PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 # An exponentially weighted average of run seconds per model; a new measure counts for this share.
 ETA_WEIGHT = 0.3
 
@@ -92,6 +94,7 @@ def job_view(session: Session | None, job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
         "status": job.status,
+        "priority": PRIORITY_NAMES.get(job.priority, "normal"),
         "model": job.model,
         "request": job.request,
         "created_at": _iso(job.created_at),

@@ -25,7 +25,8 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 
 
 COUNTERS: dict[str, str] = {
     "images_total": "Images generated and stored, by model (rate() gives images per second).",
-    "rate_limit_refusals_total": "Requests refused with 429 by the rate limiter (filled once rate limiting lands).",
+    "rate_limit_refusals_total": "Requests refused with 429 by a per-tenant limit, by limit (requests, queued_jobs, "
+    "images).",
     "webhook_deliveries_total": "Webhook deliveries by outcome (filled by the webhooks feature: delivered, "
     "failed, gave_up).",
 }

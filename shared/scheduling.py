@@ -10,6 +10,8 @@ the same batch key. The rule, in order:
    goes first; on a tie, the tenant served least recently (whose latest job in this queue started
    longest ago, or not within `SERVED_MEMORY`); then the tenant whose oldest queued job is oldest.
 3. **Age**: a tenant's own jobs run oldest first (`created_at`, then id).
+4. **Running cap**: a tenant with `max_running` jobs running (in any queue; see shared.limits) is skipped
+   until one of them ends; the claim takes the next candidate instead.
 
 Why "served least recently" and not only "fewer running": with one worker every tenant has zero jobs
 running whenever the worker picks, so a tie on running jobs broken by the oldest queued job would run one
@@ -24,6 +26,10 @@ takes k > 1 jobs leaves k - 1 spare tokens, which later find nothing to do or a 
 own job is still queued afterwards is not lost to that job: the token of the job claimed instead is still
 in the queue. The reconciler (republish queued jobs whose `published` marker is gone) is the backstop when
 Redis itself loses messages.
+
+A token spent while every candidate was held back by its tenant's cap does not come back by itself, so
+a worker that finishes a capped tenant's jobs publishes a token for each queue where that tenant still has
+jobs queued (`held_back_queues`): the slot it freed is taken at once.
 
 Claims are atomic. On PostgreSQL the picked rows are locked with `SELECT ... FOR UPDATE SKIP LOCKED`, so
 two workers never wait on each other for the same rows; on every backend the move itself is the state
@@ -44,6 +50,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from shared import limits
 from shared.jobs import QUEUED, RUNNING, TERMINAL, try_claim
 from shared.tables import Job, utcnow
 
@@ -162,6 +169,7 @@ def claim_jobs(
     claimed: list[str] = []
     passed: set[str] = set()  # held or taken by another claimer
     images = 0
+    capped: set[str] | None = None  # tenants with a running cap whose lock this claim holds
     for _ in range(3):  # a lost race (another worker took a candidate) leaves room for another try
         room = max_jobs - len(claimed)
         if room <= 0:
@@ -175,15 +183,28 @@ def claim_jobs(
         ]
         if not candidates:
             break
-        running, served = _load(session, queue, {c.tenant_id for c in candidates})
+        tenants = {c.tenant_id for c in candidates}
+        running, served = _load(session, queue, tenants)
+        caps = limits.running_caps(session, tenants)
+        if caps and capped is None:
+            # Taken once per claim, in a fixed order, so two claimers never wait on each other in a cycle.
+            # A capped tenant first seen on a retry is left for the next claim rather than locked late.
+            capped = set(caps)
+            for tenant in sorted(capped):
+                limits.lock_tenant(session, tenant, "running")
+        slots = _free_slots(session, caps, capped or set())
         wanted: list[Candidate] = []
         budget = images
         for cand in fair_order(candidates, running, served):
             if len(wanted) == room:
                 break
+            if slots.get(cand.tenant_id, 1) <= 0:
+                continue
             if max_images is None or budget + cand.images <= max_images:
                 wanted.append(cand)
                 budget += cand.images
+                if cand.tenant_id in slots:
+                    slots[cand.tenant_id] -= 1
         if not wanted:
             break
         # Lock exactly the rows this claim takes: a row locked and then left queued would make a
@@ -210,6 +231,29 @@ def claim_jobs(
         for job in session.scalars(select(Job).where(Job.id.in_(claimed)).execution_options(populate_existing=True))
     }
     return [found[job_id] for job_id in claimed]
+
+
+def _free_slots(session: Session, caps: dict[str, int], locked: set[str]) -> dict[str, int]:
+    """Jobs each capped tenant may still start now (0 for one whose lock this claim does not hold). Counts
+    this transaction's own claims too: they are already `running` to it."""
+    if not caps:
+        return {}
+    running = limits.running_jobs(session, set(caps))
+    return {tenant: cap - running.get(tenant, 0) if tenant in locked else 0 for tenant, cap in caps.items()}
+
+
+def held_back_queues(session: Session, tenant_ids: set[str]) -> list[tuple[str, str]]:
+    """(queue, a queued job id) for each queue where one of these tenants, if it has a running cap, has jobs
+    queued: after one of its jobs ends, each such queue needs a token to start the next one."""
+    caps = limits.running_caps(session, tenant_ids)
+    if not caps:
+        return []
+    rows = session.execute(
+        select(Job.queue, func.min(Job.id))
+        .where(Job.status == QUEUED, Job.tenant_id.in_(sorted(caps)))
+        .group_by(Job.queue)
+    ).all()
+    return [(r[0], r[1]) for r in rows]
 
 
 def queue_of(session: Session, job_id: str) -> str | None:

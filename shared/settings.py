@@ -178,6 +178,25 @@ class Settings(BaseSettings):
         description="TOML with per-tenant `[tenants.<name>]` settings: deny_terms, deny_patterns, `nsfw` "
         "(and the limits and retention documented in the README).",
     )
+    tenant_rate_per_minute: int = Field(
+        0, ge=0, description="Requests a tenant may make per rolling minute (GET /v1/usage excepted). 0: unlimited."
+    )
+    tenant_max_queued: int = Field(0, ge=0, description="Jobs a tenant may have queued at once. 0: unlimited.")
+    tenant_max_running: int = Field(
+        0, ge=0, description="Jobs of one tenant that workers run at once; the rest wait their turn. 0: unlimited."
+    )
+    tenant_images_per_period: int = Field(
+        0, ge=0, description="Images (jobs x num_images) a tenant may submit per quota period. 0: unlimited."
+    )
+    tenant_quota_period: str = Field(
+        "day",
+        pattern=r"^(hour|day|month|[1-9][0-9]*)$",
+        description="Length of the images quota period: `hour`, `day`, `month` (UTC calendar) or a number of "
+        "seconds (periods aligned to the Unix epoch).",
+    )
+    tenant_max_priority: Literal["low", "normal", "high"] = Field(
+        "high", description="Highest `priority` a tenant's jobs may ask for; above it a submit is refused with 422."
+    )
     nsfw_action: str = Field(
         "withhold",
         description="What a safety-checker hit does by default: `withhold` (job fails with `content_policy`) "

@@ -3,6 +3,7 @@
     [tenants.acme]
     deny_terms = ["gore"]      # content policy (shared.policy)
     nsfw = "flag"
+    max_running = 4            # limits and priority (shared.limits)
 
 A tenant without a table gets the global settings. The file is read once per process; restart to reload.
 """
@@ -27,6 +28,11 @@ def _tenant_table() -> dict[str, dict[str, Any]]:
 def tenant_entry(tenant_name: str) -> dict[str, Any]:
     """The tenant's table from the file, empty if it has none."""
     return dict(_tenant_table().get(tenant_name, {}))
+
+
+def tenant_names() -> list[str]:
+    """Every tenant the file has a table for."""
+    return sorted(_tenant_table())
 
 
 def reset_tenant_config() -> None:

@@ -17,12 +17,12 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
-from shared import broker
+from shared import broker, limits
 from shared.broker import TASK_RUN_JOB
 from shared.db import retry_unit_of_work, session_scope
 from shared.jobs import fail_job, hand_back, succeed_job
 from shared.registry import get_registry
-from shared.scheduling import claim_jobs, queue_of
+from shared.scheduling import claim_jobs, held_back_queues, queue_of
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, StorageUnavailable, get_storage, put_with_retry
 from shared.tables import Job
@@ -75,6 +75,7 @@ def run_job(job_id: str) -> str:
         return "skipped"  # nothing queued: this token's job ran with an earlier one, or was canceled
     leader = claimed[0]
     members = [member_of(leader)]
+    tenants = {job.tenant_id for job in claimed}
     # Image tasks (img2img, inpaint, upscale) run one call per job, so gathering them would only queue
     # them behind each other on this worker.
     # A job on its second attempt or later may be the one that crashed its last worker: it runs alone.
@@ -93,6 +94,7 @@ def run_job(job_id: str) -> str:
                     key=leader.batch_key,
                 )
             members.extend(member_of(job) for job in more)
+            tenants.update(job.tenant_id for job in more)
             return sum(int(job.request["num_images"]) for job in more)
 
         gather(
@@ -106,7 +108,23 @@ def run_job(job_id: str) -> str:
     status.state.current_job = leader.id
     outcomes = run_members(leader.model, leader.queue, members, settings)
     status.record_outcomes(outcomes)
+    wake_held_back(tenants, len(members))
     return summary(outcomes)
+
+
+def wake_held_back(tenants: set[str], freed: int) -> None:
+    """Our jobs ended, freeing `freed` running slots: give queues where a capped tenant's jobs wait (their
+    tokens spent while it was at its cap, see shared.scheduling) a token per freed slot."""
+    if not limits.any_running_caps():
+        return
+    try:
+        with session_scope() as session:
+            waiting = held_back_queues(session, tenants)
+        for queue, job_id in waiting:
+            for _ in range(freed):
+                broker.publish_job(job_id, queue)
+    except Exception as exc:  # the reconciler republishes eventually; never fail a finished job over this
+        log.warning("waking held-back jobs failed: %s", type(exc).__name__)
 
 
 def member_of(job: Job) -> Member:

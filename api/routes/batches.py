@@ -23,7 +23,7 @@ from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.routes.jobs import PreparedJob, insert_job, prepare_job
 from api.routes.webhooks import delivery_read
 from api.schemas import JobCreate, WebhookDeliveryList
-from shared import batches, broker, idempotency
+from shared import batches, broker, idempotency, limits
 from shared.batch_view import batch_view
 from shared.db import session_scope
 from shared.errors import DarkroomError, InvalidRequest
@@ -103,8 +103,12 @@ def _submit(body: BatchCreate, tenant_id: str, key: str | None) -> tuple[BatchRe
         replay = idempotency.claim(tenant_id, key, fingerprint)
         if replay is not None and replay.body is not None:
             return _read(str(replay.body["batch_id"]), tenant_id), True
-    # 3. Inputs stored, then the batch, its jobs and the completed key commit together.
+    # 3. Inputs stored, then the batch, its jobs and the completed key commit together. The images quota is
+    # charged for the whole batch first and refunded if the batch is not made, as for a single job.
+    tenant_limits = prepared[0].limits
+    charged = 0
     try:
+        charged = limits.charge_images(tenant_id, tenant_limits, sum(job.body.num_images for job in prepared))
         job_ids = [new_id() for _ in prepared]
         storage = get_storage()
         for job_id, job in zip(job_ids, prepared, strict=True):
@@ -117,11 +121,13 @@ def _submit(body: BatchCreate, tenant_id: str, key: str | None) -> tuple[BatchRe
                 insert_job(session, job, tenant_id, job_id, batch_id=batch.id, batch_index=i)
                 for i, (job_id, job) in enumerate(zip(job_ids, prepared, strict=True))
             ]
+            limits.check_queued(session, tenant_id, tenant_limits, adding=len(created))
             if key is not None:
                 idempotency.complete(session, tenant_id, key, status=202, body={"batch_id": batch.id}, job_id=None)
             result = BatchRead.model_validate(batch_view(session, batch))
             queues = [(job.id, job.queue) for job in created]
     except BaseException:
+        limits.refund_images(tenant_id, tenant_limits, charged)
         if key is not None:
             with contextlib.suppress(Exception):
                 idempotency.release(tenant_id, key)
@@ -144,7 +150,7 @@ def _submit(body: BatchCreate, tenant_id: str, key: str | None) -> tuple[BatchRe
             "model": BatchRead,
             "description": "An idempotent replay: the batch the key first created, as it is now.",
         },
-        **responses(401, 409, 413, 422, 503),
+        **responses(401, 409, 413, 422, 429, 503),
     },
 )
 async def create_batch(

@@ -21,7 +21,7 @@ from api.errors import responses
 from api.generation import Inputs, read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
-from shared import broker, idempotency, jobs, retention
+from shared import broker, idempotency, jobs, limits, retention
 from shared.db import session_scope
 from shared.errors import InvalidRequest
 from shared.job_view import job_view
@@ -30,7 +30,7 @@ from shared.registry import ModelSpec, get_registry
 from shared.scheduling import batch_key
 from shared.settings import get_settings
 from shared.storage import get_storage
-from shared.tables import Job, Tenant, new_id
+from shared.tables import Job, new_id
 from shared.webhooks import validate_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -55,6 +55,7 @@ class PreparedJob:
     spec: ModelSpec
     request: dict[str, Any]
     inputs: Inputs
+    limits: limits.TenantLimits
 
 
 def prepare_job(body: JobCreate, tenant_id: str) -> PreparedJob:
@@ -62,8 +63,9 @@ def prepare_job(body: JobCreate, tenant_id: str) -> PreparedJob:
     settings = get_settings()
     # Cheap refusals first: the content policy, then input images (fetched and decoded here, so a bad
     # image is a 422 now rather than a failed job later), then the model's limits.
-    with session_scope() as session:
-        tenant_name = session.get_one(Tenant, tenant_id).name
+    tenant_name = limits.tenant_name(tenant_id)
+    tenant_limits = limits.limits_for(tenant_name)
+    limits.check_priority(body.priority, tenant_limits)
     policy = policy_for(tenant_name)
     check_prompt(policy, tenant_name, {"prompt": body.prompt, "negative_prompt": body.negative_prompt})
     inputs = read_inputs(body.image, body.mask, tenant_id)
@@ -71,7 +73,7 @@ def prepare_job(body: JobCreate, tenant_id: str) -> PreparedJob:
     request["nsfw"] = policy.nsfw
     if body.webhook_url is not None:
         validate_webhook_url(body.webhook_url, allow_private=settings.webhook_allow_private)
-    return PreparedJob(body, spec, request, inputs)
+    return PreparedJob(body, spec, request, inputs, tenant_limits)
 
 
 def insert_job(
@@ -98,6 +100,7 @@ def insert_job(
         batch_key=batch_key(request),
         batch_id=batch_id,
         batch_index=batch_index,
+        priority=limits.PRIORITIES[body.priority],
     )
 
 
@@ -113,17 +116,23 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
             return _read(replay.job_id, tenant_id), True
     # 3. The job and the completed key commit together: a key never points at a job that does not exist.
     # Inputs are stored only once the key is ours, so a replay leaves no orphaned images behind.
+    charged = 0
     try:
+        # Charged before the job exists and refunded if it is not made: two API processes racing for the
+        # last images of a quota cannot both win.
+        charged = limits.charge_images(tenant_id, prepared.limits, body.num_images)
         job_id = new_id()
         store_inputs(get_storage(), job_id, prepared.inputs, prepared.request)
         with session_scope() as session:
             job = insert_job(session, prepared, tenant_id, job_id)
+            limits.check_queued(session, tenant_id, prepared.limits)
             if key is not None:
                 idempotency.complete(session, tenant_id, key, status=202, body=None, job_id=job.id)
             # Rendered inside the creating transaction: once it commits, the answer is a 202 whatever the
             # database does next, so a client is never told "refused" about a job that exists.
             created = to_read(job, session)
     except BaseException:
+        limits.refund_images(tenant_id, prepared.limits, charged)
         if key is not None:
             with contextlib.suppress(Exception):
                 idempotency.release(tenant_id, key)
@@ -153,7 +162,7 @@ PREFER_DESCRIPTION = (
             "description": "An idempotent replay (`Idempotent-Replayed: true`: the job the key first created, as it "
             "is now), or a job that finished within `Prefer: wait`.",
         },
-        **responses(401, 409, 413, 422, 503),
+        **responses(401, 409, 413, 422, 429, 503),
     },
 )
 async def create_job(
