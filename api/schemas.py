@@ -167,6 +167,11 @@ class Output(BaseModel):
     seed: int
     content_type: str
     nsfw: bool = Field(False, description="The model's safety checker flagged it (tenants set to `flag` only).")
+    watermarked: bool = Field(
+        False,
+        description="It carries darkroom's invisible watermark, checked on the stored file. False only for "
+        "images under 48 8x8 blocks (e.g. smaller than 64x48) or small lossy (jpeg/webp) outputs.",
+    )
 
 
 class JobError(BaseModel):

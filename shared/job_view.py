@@ -78,6 +78,7 @@ def job_view(session: Session | None, job: Job) -> dict[str, Any]:
         {
             "url": storage.url(o["key"]),
             "nsfw": o.get("nsfw", False),
+            "watermarked": o.get("watermark", False),
             **{k: o[k] for k in ("width", "height", "seed", "content_type")},
         }
         for o in job.outputs or []

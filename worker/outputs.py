@@ -15,7 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from shared.storage import output_key
-from worker.watermark import apply_watermark, can_watermark
+from worker.watermark import apply_watermark, has_watermark
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -70,7 +70,6 @@ def encode_output(image: Image.Image, request: dict[str, Any], *, job_id: str, s
     fmt = request.get("output_format", "png")
     parameters = parameters_text(request, seed=seed, sampler=sampler, width=image.width, height=image.height)
     provenance = provenance_text(request, job_id)
-    watermarked = can_watermark(image)
     image = apply_watermark(image)
     buffer = io.BytesIO()
     if fmt == "png":
@@ -85,7 +84,10 @@ def encode_output(image: Image.Image, request: dict[str, Any], *, job_id: str, s
         exif.get_ifd(EXIF_IFD)[USER_COMMENT] = user_comment(parameters)
         quality = int(request.get("quality") or 90)
         image.save(buffer, format=fmt.upper(), quality=quality, exif=exif.tobytes())
-    return Encoded(buffer.getvalue(), CONTENT_TYPES[fmt], EXTENSIONS[fmt], watermarked)
+    data = buffer.getvalue()
+    # Checked on the bytes clients get: a lossy format may erase the mark of a small image.
+    watermarked = has_watermark(Image.open(io.BytesIO(data)))
+    return Encoded(data, CONTENT_TYPES[fmt], EXTENSIONS[fmt], watermarked)
 
 
 def read_parameters(image: Image.Image) -> str | None:

@@ -154,6 +154,45 @@ def test_outputs_carry_parameters_provenance_and_a_watermark(
         assert has_watermark(image)
     read = client.get("/v1/jobs/" + job_id, headers=auth).json()
     assert read["outputs"][0]["content_type"] == f"image/{fmt}" and read["outputs"][0]["nsfw"] is False
+    # The flag is what a reader finds in the stored file, whatever the format.
+    assert read["outputs"][0]["watermarked"] is has_watermark(image)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_small_output_carries_the_watermark_too(client: TestClient, auth: dict[str, str]) -> None:
+    response = client.post("/v1/jobs", json={"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64}, headers=auth)
+    job_id = response.json()["id"]
+    assert tasks.run_job(job_id) == "succeeded"
+    [image] = outputs(job_id)
+    assert image.size == (64, 64) and has_watermark(image)
+    assert client.get("/v1/jobs/" + job_id, headers=auth).json()["outputs"][0]["watermarked"] is True
+
+
+@pytest.mark.parametrize("size", [(64, 48), (64, 64), (96, 64), (128, 128), (200, 136)])
+def test_the_watermark_round_trips_losslessly_at_every_size_that_holds_it(size: tuple[int, int]) -> None:
+    from worker.watermark import apply_watermark, watermark_bits_matching
+
+    rng = np.random.default_rng(size[0])
+    for scene in (
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC),
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)),  # noise, as tiny models make
+    ):
+        buffer = io.BytesIO()
+        apply_watermark(scene).save(buffer, format="PNG")
+        read_back = Image.open(io.BytesIO(buffer.getvalue()))
+        assert watermark_bits_matching(read_back) == 48
+        assert not has_watermark(scene)
+
+
+def test_an_image_too_small_for_every_bit_is_left_unmarked_and_says_so() -> None:
+    from worker.outputs import encode_output
+    from worker.watermark import apply_watermark
+
+    scene = picture(56, 48)  # 7 x 6 = 42 blocks of 8x8 pixels: fewer than the 48 bits
+    assert apply_watermark(scene) is scene
+    request = {"prompt": "p", "steps": 1, "guidance_scale": 7.0, "model": "tiny-sd"}
+    assert encode_output(scene, request, job_id="j", seed=1, sampler="Euler").watermarked is False
+    assert encode_output(picture(64, 48), request, job_id="j", seed=1, sampler="Euler").watermarked is True
 
 
 class FlagEverything(torch.nn.Module):
