@@ -163,8 +163,9 @@ def run_batch(pipe: Any, members: list[Member], hook: StepHook, settings: Settin
     """Run the batch. Jobs dropped on the way appear in neither `images` nor `failed`.
 
     One call for the whole batch when the pipeline can take it; otherwise, or if that call fails, one call
-    per job, so that one job's bad input cannot fail its neighbours. Raises StopGeneration when every job
-    was dropped before any image was made.
+    per job, so that one job's bad input cannot fail its neighbours. A batched call that runs out of memory
+    is retried at half the batch (see `_run_together`). Raises StopGeneration when every job was dropped
+    before any image was made.
     """
     result = BatchResult()
     # A test fault armed by one job must fire in that job's call alone, so such batches run job by job.
@@ -172,13 +173,43 @@ def run_batch(pipe: Any, members: list[Member], hook: StepHook, settings: Settin
     # Image tasks (img2img, inpaint, upscale) bring their own input images: always one call per job.
     text_only = members[0].request.get("task", "txt2img") == "txt2img"
     if len(members) > 1 and text_only and isinstance(pipe, BATCHABLE) and not armed:
-        try:
-            result.images = _keep_live(hook, members, _call(pipe, members, hook, settings))
-            return result
-        except (StopGeneration, SoftTimeLimitExceeded):
-            raise
-        except Exception:
-            log.warning("batched call of %d jobs failed; running them one by one", len(members), exc_info=True)
+        _run_together(pipe, members, hook, settings, result)
+    else:
+        _run_each(pipe, members, hook, settings, result)
+    if not result.images and not result.failed and result.timed_out is None:
+        raise StopGeneration("every job of this batch was canceled or taken over")
+    return result
+
+
+def _run_together(pipe: Any, members: list[Member], hook: StepHook, settings: Settings, result: BatchResult) -> None:
+    """One call for `members`. Out of memory, each half gets its own call, halving again down to single
+    jobs: the batch, not any one job, was too big, and every image is the same whatever shares its call."""
+    try:
+        result.images.update(_keep_live(hook, members, _call(pipe, members, hook.only(members), settings)))
+        return
+    except (StopGeneration, SoftTimeLimitExceeded):
+        raise
+    except torch.OutOfMemoryError:
+        # What the failed call allocated must be free before the smaller calls try.
+        failures.free_accelerator_memory()
+        live = [m for m in members if m.job_id not in hook.dropped]
+        log.warning("batched call of %d jobs ran out of memory; retrying at half the batch", len(live))
+        half = (len(live) + 1) // 2
+        for part in (live[:half], live[half:]):
+            try:
+                if len(part) > 1:
+                    _run_together(pipe, part, hook, settings, result)
+                else:
+                    _run_each(pipe, part, hook, settings, result)
+            except StopGeneration:
+                continue  # every job of this half was canceled or taken over; the other half goes on
+    except Exception:
+        log.warning("batched call of %d jobs failed; running them one by one", len(members), exc_info=True)
+        _run_each(pipe, members, hook, settings, result)
+
+
+def _run_each(pipe: Any, members: list[Member], hook: StepHook, settings: Settings, result: BatchResult) -> None:
+    """One call per job; a job that fails (out of memory included) fails alone."""
     for index, member in enumerate(members):
         if member.job_id in hook.dropped:
             continue
@@ -195,9 +226,6 @@ def run_batch(pipe: Any, members: list[Member], hook: StepHook, settings: Settin
         except Exception as exc:
             log.exception("job %s: generation failed", member.job_id)
             result.failed[member.job_id] = failures.describe(exc)
-    if not result.images and not result.failed and result.timed_out is None:
-        raise StopGeneration("every job of this batch was canceled or taken over")
-    return result
 
 
 def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) -> list[list[Image.Image]]:

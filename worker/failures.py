@@ -1,7 +1,8 @@
 """What a failed job is told: exceptions mapped to the job error codes clients see, and recovery after them.
 
 `out_of_memory` frees what the allocator caches before the worker takes its next job, so one oversized
-request does not leave the GPU too full for the ones behind it.
+request does not leave the GPU too full for the ones behind it. A batched call that runs out of memory never
+gets here: `worker.batching` retries its jobs at half the batch first; only a job alone in its call fails.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ def free_accelerator_memory() -> None:
 def describe(exc: BaseException) -> tuple[str, str]:
     """(error code, message) for a job whose generation raised `exc`."""
     if isinstance(exc, torch.OutOfMemoryError):
-        # TODO(batching): when this job ran in a batch of more than one, retry it once alone (or at half
-        # the batch) before failing; a lone job that does not fit fails here as it does today.
         free_accelerator_memory()
         return "out_of_memory", "the GPU ran out of memory; try a smaller size or fewer images"
     return "generation_failed", f"{type(exc).__name__}: {exc}"

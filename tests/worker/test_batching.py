@@ -20,7 +20,7 @@ from shared.scheduling import batch_key
 from shared.storage import get_storage
 from shared.tenants import get_or_create_tenant
 from tests.support import reset_caches
-from worker import batching, generate, tasks
+from worker import batching, generate, outputs, tasks
 from worker.batching import gather
 from worker.generate import generators
 
@@ -84,6 +84,13 @@ def alone(request: dict[str, Any]) -> list[np.ndarray]:
     return [np.asarray(image.convert("RGB")) for image in result.images]
 
 
+@pytest.fixture(autouse=True)
+def unmarked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs as generated: these tests compare pixels with plain diffusers calls, and the watermark (tested
+    in test_generation.py) would move a near-identical pair's pixels by a whole quantisation step."""
+    monkeypatch.setattr(outputs, "apply_watermark", lambda image: image)
+
+
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[list[dict[str, Any]]]:
     """The requests of every pipeline call the worker makes."""
@@ -118,6 +125,53 @@ def test_a_batch_gives_each_job_the_pixels_it_would_get_alone(
             # Batched float maths differs from unbatched at ~1e-6: at most one step of uint8 rounding.
             assert np.abs(g.astype(int) - w.astype(int)).max() <= 1
     assert tasks.run_job(jobs[1]) == "skipped" and tasks.run_job(jobs[2]) == "skipped"  # spare tokens
+
+
+def oom_above(monkeypatch: pytest.MonkeyPatch, most_images: int) -> list[int]:
+    """A GPU that fits `most_images` per call: a bigger call raises torch's OutOfMemoryError, as CUDA does.
+    Returns the image count of every call tried, and counts memory frees in `freed`."""
+    tried: list[int] = []
+    original = generate.generate_batch
+
+    def fake_gpu(pipe: Any, requests: Any, *args: Any, **kwargs: Any) -> Any:
+        images = sum(int(r["num_images"]) for r in requests)
+        tried.append(images)
+        if images > most_images:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {images} images > {most_images})")
+        return original(pipe, requests, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "generate_batch", fake_gpu)
+    return tried
+
+
+def test_a_batch_out_of_memory_is_retried_at_half_the_size_with_the_same_pixels(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [submit(seed=10 * i, prompt=f"a lighthouse {i}") for i in range(4)]
+    freed: list[bool] = []
+    monkeypatch.setattr(batching.failures, "free_accelerator_memory", lambda: freed.append(True))
+    tried = oom_above(monkeypatch, most_images=2)
+    assert tasks.run_job(jobs[0]) == "succeeded"
+    assert tried == [4, 2, 2] and freed == [True]  # one failed call of 4, then two halves
+    for job_id in jobs:
+        job = load(job_id)
+        assert job.status == "succeeded" and job.attempts == 1
+        [got], [want] = pixels(job_id), alone(job.request)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # as if it had run alone
+
+
+def test_jobs_that_do_not_fit_even_alone_fail_with_out_of_memory_and_the_worker_keeps_serving(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [submit(seed=i, num_images=2) for i in range(3)]
+    tried = oom_above(monkeypatch, most_images=1)
+    assert tasks.run_job(jobs[0]) == "failed"
+    assert tried == [6, 4, 2, 2, 2]  # 3 jobs, then halves of 2 and 1 job, then each job alone
+    for job_id in jobs:
+        job = load(job_id)
+        assert (job.status, job.error_code) == ("failed", "out_of_memory") and not job.outputs
+    small = submit(seed=99)
+    assert tasks.run_job(small) == "succeeded" and len(pixels(small)) == 1
 
 
 def test_incompatible_jobs_never_share_a_call(darkroom_env: dict[str, Any], calls: list[list[dict[str, Any]]]) -> None:
