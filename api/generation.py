@@ -83,8 +83,11 @@ def read_inputs(image: str | None, mask: str | None, tenant_id: str) -> Inputs:
     return inputs
 
 
-def check_task_fields(task: str, spec: ModelSpec, given: dict[str, Any]) -> None:
-    """Each task takes its own fields; a field another task uses is refused rather than ignored."""
+def check_task_fields(task: str, spec: ModelSpec, given: dict[str, Any], runs: ModelSpec) -> None:
+    """Each task takes its own fields; a field another task uses is refused rather than ignored.
+
+    `runs` is the model that runs the task (`Registry.runs_on`): an upscaler takes no `strength` or LoRAs.
+    """
     if task not in spec.tasks:
         raise InvalidRequest(f"task: model {spec.name} does not serve {task!r}; it serves {', '.join(spec.tasks)}")
     needs = {"txt2img": set(), "img2img": {"image"}, "inpaint": {"image", "mask"}, "upscale": {"image"}}[task]
@@ -97,6 +100,10 @@ def check_task_fields(task: str, spec: ModelSpec, given: dict[str, Any]) -> None
     for field in ("image", "mask", "strength", "scale"):
         if given.get(field) is not None and field not in allowed:
             raise InvalidRequest(f"{field}: not used by task {task!r}")
+    if runs.upscale_factor:
+        for field in ("strength", "loras"):
+            if given.get(field):
+                raise InvalidRequest(f"{field}: not used by upscale jobs on {spec.name}, which run its upscaler {runs.name}")
 
 
 def default_size(task: str, input_size: tuple[int, int] | None, scale: int | None) -> tuple[int, int] | None:
@@ -121,13 +128,16 @@ def generation_fields(
     output_format: str,
     quality: int | None,
 ) -> dict[str, Any]:
-    """The request fields beyond txt2img's, with the model's defaults filled in."""
+    """The request fields beyond txt2img's, with the defaults of `spec` (the model that runs the task) filled in."""
     fields: dict[str, Any] = {}
     if task in ("img2img", "inpaint"):
         fields["strength"] = float(strength if strength is not None else spec.default_strength)
     if task == "upscale":
         fields["scale"] = scale or 2
-        fields["strength"] = float(strength if strength is not None else spec.upscale_strength)
+        if spec.upscale_factor:
+            fields["upscaler"] = spec.name  # the worker runs this model rather than the job's own
+        else:
+            fields["strength"] = float(strength if strength is not None else spec.upscale_strength)
     if scheduler is not None and scheduler not in spec.schedulers:
         raise InvalidRequest(
             f"scheduler: {scheduler!r} is not allowed for {spec.name}; use {', '.join(spec.schedulers)}"

@@ -109,23 +109,27 @@ class JobCreate(BaseModel):
             raise InvalidRequest(
                 f"model: unknown model {name!r}; available: {', '.join(registry.names)}", code="unknown_model"
             )
-        check_task_fields(self.task, spec, self.model_dump(include={"image", "mask", "strength", "scale"}))
+        # An upscale job on a model with an upscaler runs on the upscaler, with its defaults and limits; the job
+        # stays the requested model's (its queue, its metrics).
+        runs = registry.runs_on(spec, self.task)
+        given = self.model_dump(include={"image", "mask", "strength", "scale", "loras"})
+        check_task_fields(self.task, spec, given, runs)
         implied = default_size(self.task, input_size, self.scale)
         if self.task == "upscale" and (self.width is not None or self.height is not None):
             raise InvalidRequest("width: upscale jobs take their size from image and scale")
-        width = self.width if self.width is not None else implied[0] if implied else spec.default_width
-        height = self.height if self.height is not None else implied[1] if implied else spec.default_height
-        for field, value, limit in (("width", width, spec.max_width), ("height", height, spec.max_height)):
+        width = self.width if self.width is not None else implied[0] if implied else runs.default_width
+        height = self.height if self.height is not None else implied[1] if implied else runs.default_height
+        for field, value, limit in (("width", width, runs.max_width), ("height", height, runs.max_height)):
             if value % 8:
                 raise InvalidRequest(f"{field}: must be a multiple of 8, got {value}")
-            if not spec.min_size <= value <= limit:
-                raise InvalidRequest(f"{field}: must be between {spec.min_size} and {limit} for {name}, got {value}")
-        steps = self.steps if self.steps is not None else spec.default_steps
-        if steps > spec.max_steps:
-            raise InvalidRequest(f"steps: must be at most {spec.max_steps} for {name}, got {steps}")
-        guidance = self.guidance_scale if self.guidance_scale is not None else spec.default_guidance
-        if guidance > spec.max_guidance:
-            raise InvalidRequest(f"guidance_scale: must be at most {spec.max_guidance} for {name}, got {guidance}")
+            if not runs.min_size <= value <= limit:
+                raise InvalidRequest(f"{field}: must be between {runs.min_size} and {limit} for {runs.name}, got {value}")
+        steps = self.steps if self.steps is not None else runs.default_steps
+        if steps > runs.max_steps:
+            raise InvalidRequest(f"steps: must be at most {runs.max_steps} for {runs.name}, got {steps}")
+        guidance = self.guidance_scale if self.guidance_scale is not None else runs.default_guidance
+        if guidance > runs.max_guidance:
+            raise InvalidRequest(f"guidance_scale: must be at most {runs.max_guidance} for {runs.name}, got {guidance}")
         seed = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED - 8)
         if seed + self.num_images - 1 > MAX_SEED:
             raise InvalidRequest(f"seed: seed + num_images - 1 must not exceed {MAX_SEED}")
@@ -142,7 +146,7 @@ class JobCreate(BaseModel):
             "num_images": self.num_images,
         }
         request |= generation_fields(
-            spec=spec,
+            spec=runs,
             registry=registry,
             task=self.task,
             strength=self.strength,

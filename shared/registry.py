@@ -57,7 +57,10 @@ class ModelSpec(BaseModel):
     schedulers: list[Scheduler] = Field(default_factory=lambda: list(SCHEDULERS), description="Schedulers allowed.")
     default_strength: float = Field(0.75, gt=0, le=1, description="img2img/inpaint strength when a job names none.")
     upscale_strength: float = Field(0.3, gt=0, le=1, description="Strength of the img2img refine pass of `upscale`.")
-    upscaler: str | None = Field(None, description="A registry model (x4 or latent upscaler) `upscale` jobs use.")
+    upscaler: str | None = Field(None, description="A registry upscaler model (see upscale_factor) `upscale` jobs run.")
+    upscale_factor: Literal[4] | None = Field(
+        None, description="Set on a dedicated upscaler model (diffusers' x4 upscaler: 4); it serves only `upscale`."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -66,12 +69,28 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"model {self.name!r}: {dim} must be a multiple of 8")
         if not (1 <= self.default_steps <= self.max_steps):
             raise ValueError(f"model {self.name!r}: default_steps must lie in 1..max_steps")
+        if self.upscale_factor and (self.tasks != ["upscale"] or self.upscaler):
+            raise ValueError(f"model {self.name!r}: an upscaler must have tasks = [\"upscale\"] and no upscaler")
         return self
 
 
 class Registry(BaseModel):
     models: dict[str, ModelSpec]
     loras: dict[str, LoraSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _upscalers_exist(self) -> Registry:
+        for spec in self.models.values():
+            target = self.models.get(spec.upscaler) if spec.upscaler else None
+            if spec.upscaler and (target is None or not target.upscale_factor):
+                raise ValueError(f"model {spec.name!r}: upscaler {spec.upscaler!r} is not an upscaler of this registry")
+        return self
+
+    def runs_on(self, spec: ModelSpec, task: str) -> ModelSpec:
+        """The model whose weights run `task` for a job on `spec`: its upscaler for `upscale`, where it has one."""
+        if task == "upscale" and spec.upscaler:
+            return self.models[spec.upscaler]
+        return spec
 
     def get(self, name: str) -> ModelSpec | None:
         return self.models.get(name)

@@ -15,6 +15,7 @@ from PIL import Image
 from worker.acceleration import configure_vae
 from worker.inputs import effective_steps, pipe_kwargs_for
 from worker.preview import Factors, factors_for
+from worker.upscale import fit, is_upscaler
 
 
 class StopGeneration(Exception):
@@ -95,14 +96,13 @@ def generate_batch(
     total, guidance = effective_steps(first), float(first["guidance_scale"])
     width, height = int(first["width"]), int(first["height"])
 
-    factors = factors_for(pipe) if on_latents is not None else None
+    # An upscaler's latents (at the input's size, its own VAE) fit no latent-to-RGB preview map.
+    factors = factors_for(pipe) if on_latents is not None and not is_upscaler(pipe) else None
 
-    def step_end(_pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        latents = callback_kwargs.get("latents")
+    def after_step(step: int, latents: torch.Tensor | None) -> None:
         if on_latents is not None and factors is not None and latents is not None:
             on_latents(step + 1, latents, factors)
         on_step(step + 1, total)
-        return callback_kwargs
 
     configure_vae(pipe, width, height, tiling_pixels)
     with torch.inference_mode():
@@ -112,16 +112,33 @@ def generate_batch(
             guidance_scale=guidance,
             generator=gens,
             output_type="pil",
-            callback_on_step_end=step_end,
+            **step_callback(pipe, after_step),
             **pipe_kwargs_for(first, inputs or {}),
         )
 
-    # 3. Each request gets exactly its own images back.
+    # 3. Each request gets exactly its own images back, at its size (an upscaler's native factor may differ).
     images: list[list[Image.Image]] = [[] for _ in requests]
     for owner, image in zip(owners, result.images, strict=True):
         if owner is not None:
-            images[owner].append(image)
+            images[owner].append(fit(image, width, height) if first.get("upscaler") else image)
     return images
+
+
+def step_callback(pipe: Any, after_step: Callable[[int, torch.Tensor | None], None]) -> dict[str, Any]:
+    """The pipeline's per-step hook, given the step's index and latents: `callback_on_step_end`, or the older
+    `callback` of the x4 upscaler."""
+    if is_upscaler(pipe):
+
+        def callback(step: int, _timestep: Any, latents: torch.Tensor) -> None:
+            after_step(step, latents)
+
+        return {"callback": callback, "callback_steps": 1}
+
+    def step_end(_pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        after_step(step, callback_kwargs.get("latents"))
+        return callback_kwargs
+
+    return {"callback_on_step_end": step_end}
 
 
 def generate(

@@ -12,6 +12,7 @@ from typing import Any
 from PIL import Image
 
 from shared.storage import get_storage
+from worker.upscale import low_res_input
 
 
 def load_inputs(request: dict[str, Any]) -> dict[str, Image.Image]:
@@ -27,7 +28,8 @@ def load_inputs(request: dict[str, Any]) -> dict[str, Image.Image]:
 def effective_steps(request: dict[str, Any]) -> int:
     """Denoising steps the pipeline actually runs: image-to-image tasks skip the first (1 - strength)."""
     steps = int(request["steps"])
-    if request.get("task", "txt2img") == "txt2img":
+    # txt2img, and upscale on an upscaler, which has no strength: every step runs.
+    if request.get("task", "txt2img") == "txt2img" or request.get("strength") is None:
         return steps
     return min(steps, int(steps * float(request["strength"])))
 
@@ -47,6 +49,8 @@ def pipe_kwargs_for(request: dict[str, Any], inputs: dict[str, Image.Image]) -> 
             "width": width,
             "height": height,
         }
+    if task == "upscale" and request.get("upscaler"):
+        return {"image": low_res_input(inputs["image"])}
     if task == "upscale":
         # The refine pass: enlarge, then let img2img add detail at the new size.
         enlarged = inputs["image"].resize((width, height), Image.Resampling.LANCZOS)

@@ -45,6 +45,8 @@ def parameters_text(request: dict[str, Any], *, seed: int, sampler: str, width: 
     ]
     if request.get("strength") is not None:
         pairs.append(f"Denoising strength: {request['strength']:g}")
+    if request.get("upscaler"):
+        pairs.append(f"Upscaler: {request['upscaler']}")
     if request.get("loras"):
         pairs.append("Lora weights: " + '"' + ", ".join(f"{x['name']}: {x['scale']:g}" for x in request["loras"]) + '"')
     lines.append(", ".join(pairs))

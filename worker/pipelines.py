@@ -68,12 +68,14 @@ class ModelTooLarge(Exception):
 
 def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Any:
     """The pipeline in `dtype`, still on the CPU: the cache sizes it before it takes device memory."""
-    from diffusers import AutoPipelineForText2Image
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     source = resolve_source(spec, get_settings())
     local = Path(source).is_dir()
     log.info("loading model %s from %s for %s (%s)", spec.name, source, device, dtype)
-    pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, local_files_only=local)
+    # An upscaler loads as the class its model_index names; the Auto class would refuse it.
+    loader = DiffusionPipeline if spec.upscale_factor else AutoPipelineForText2Image
+    pipe = loader.from_pretrained(source, dtype=dtype, local_files_only=local)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -149,9 +149,11 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
     for member in members:
         log.info("job %s started (attempt %d)", member.job_id, member.attempt)
     with Heartbeat({m.job_id: m.attempt for m in members}, settings.lease_seconds) as beat:
-        spec = get_registry().get(model)
+        # An upscale job on a model with an upscaler runs the upscaler's weights (worker/upscale.py).
+        runs = members[0].request.get("upscaler") or model
+        spec = get_registry().get(runs)
         if spec is None:
-            fail(members, "unknown_model", f"model {model!r} is not in this worker's registry")
+            fail(members, "unknown_model", f"model {runs!r} is not in this worker's registry")
             return outcomes
         hook = StepHook(members, settings.progress_interval, beat.lost, preview_every=settings.preview_every_steps)
         try:

@@ -1,4 +1,5 @@
-"""The built-in test models: tiny, randomly initialised SD 1.x, SD 2.x-style and SDXL pipelines, and a LoRA.
+"""The built-in test models: tiny, randomly initialised SD 1.x, SD 2.x-style and SDXL pipelines, an x4
+upscaler, and a LoRA.
 
 It is built from the real diffusers/transformers classes and saved with `save_pretrained`, so workers load
 it through exactly the code path of a real model. It makes noise, not pictures, in milliseconds on a CPU.
@@ -176,6 +177,56 @@ def build_tiny_sdxl(seed: int = 0) -> Any:
     )
 
 
+def build_tiny_x4_upscaler(seed: int = 0) -> Any:
+    """diffusers' x4 upscaler layout (stabilityai/stable-diffusion-x4-upscaler, scaled down): the UNet denoises
+    latents at the input's size, conditioned on the noised input image (3 extra channels) and its noise level
+    (a class embedding); a VAE with three blocks decodes them at 4x."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        num_class_embeds=351,  # one per noise level, 0..max_noise_level
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16),  # two downsamplings: the x4 upscaler's factor of 4
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=0.08333,  # the x4 upscaler's own, which the pipeline insists on
+    )
+    common = {"beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000}
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(**common),
+        scheduler=DDIMScheduler(prediction_type="v_prediction", **common),
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,  # darkroom watermarks every output itself (worker/watermark.py)
+        max_noise_level=350,
+    )
+
+
 def build_tiny_lora(directory: Path, seed: int = 1) -> Path:
     """A random LoRA for tiny-sd's UNet, made from a PEFT LoraConfig and saved as diffusers LoRA safetensors."""
     from diffusers import StableDiffusionPipeline
@@ -198,6 +249,7 @@ BUILDERS = {
     "tiny-sd": lambda d: build_tiny_sd().save_pretrained(d),
     "tiny-sd2": lambda d: build_tiny_sd(v_prediction=True).save_pretrained(d),
     "tiny-sdxl": lambda d: build_tiny_sdxl().save_pretrained(d),
+    "tiny-x4-upscaler": lambda d: build_tiny_x4_upscaler().save_pretrained(d),
     "tiny-lora": build_tiny_lora,
 }
 # What marks a finished build of each kind.

@@ -18,6 +18,7 @@ from typing import Any
 from shared.registry import LoraSpec, get_registry
 from shared.settings import get_settings
 from shared.storage import get_storage
+from worker.upscale import is_upscaler
 
 log = logging.getLogger("darkroom.worker")
 
@@ -78,8 +79,14 @@ def prepare_pipeline(base: Any, request: dict[str, Any]) -> Any:
     if "safety_checker" in base.components:
         # The checker runs after generation (worker/safety.py), on our terms: the pipeline's own run
         # would black out flagged images, which a tenant set to `flag` wants returned.
-        overrides |= {"safety_checker": None, "requires_safety_checker": False}
-    pipe = _auto_class(request.get("task", "txt2img")).from_pipe(base, **overrides)
+        overrides["safety_checker"] = None
+        if "requires_safety_checker" in base.config:  # the x4 upscaler has no such option
+            overrides["requires_safety_checker"] = False
+    if "watermarker" in base.components:
+        overrides["watermarker"] = None  # darkroom watermarks every output itself (worker/watermark.py)
+    # A dedicated upscaler is its own task's pipeline; the Auto classes know only text-to-image families.
+    maker = type(base) if is_upscaler(base) else _auto_class(request.get("task", "txt2img"))
+    pipe = maker.from_pipe(base, **overrides)
     pipe.set_progress_bar_config(disable=True)
     apply_loras(base, pipe, request.get("loras") or [])
     return pipe

@@ -40,6 +40,7 @@ def list_models(_: TenantDep) -> ModelList:
                     "scheduler": m.default_scheduler,
                     "strength": m.default_strength,
                     "upscale_strength": m.upscale_strength,
+                    "upscaler": m.upscaler,
                 },
                 limits={
                     "min_size": m.min_size,

@@ -180,3 +180,23 @@ def test_upload_then_img2img_and_upscale_as_jpeg(service: Service) -> None:
         f"{service.url}/v1/jobs", json={"prompt": "x", "task": "img2img", "image": key}, headers=service.key("other")
     )
     assert other.status_code == 422 and other.json()["error"]["message"].startswith("image:")
+
+
+def test_upscale_on_a_model_with_an_upscaler_runs_the_x4_upscaler(service: Service) -> None:
+    auth = service.key("acme")
+    rng = np.random.default_rng(4)
+    small = Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((40, 32), Image.BICUBIC)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    upload = httpx.post(f"{service.url}/v1/uploads", files={"file": ("in.png", buffer.getvalue())}, headers=auth)
+    assert upload.status_code == 201, upload.text
+    body = {"model": "tiny-sd2", "task": "upscale", "image": upload.json()["key"], "steps": 3, "seed": 9}
+    jobs = [service.submit(auth, **body, scale=4), service.submit(auth, **body, scale=4), service.submit(auth, **body)]
+    done = [service.wait(auth, j["id"]) for j in jobs]
+    assert [d["status"] for d in done] == ["succeeded"] * 3, done
+    assert done[0]["request"]["upscaler"] == "tiny-x4-upscaler" and "strength" not in done[0]["request"]
+    images = [download(d["outputs"][0]["url"]) for d in done]
+    assert [i.size for i in images] == [(160, 128), (160, 128), (80, 64)]  # exactly scale x 40x32
+    np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    assert "Upscaler: tiny-x4-upscaler" in images[0].info["parameters"]
+    assert all(d["outputs"][0]["watermarked"] for d in done)

@@ -88,12 +88,50 @@ def test_every_task_runs_on_every_family(client: TestClient, auth: dict[str, str
     txt = run(client, auth, model=model, width=96, height=64)
     img = run(client, auth, model=model, task="img2img", image=data_uri(source), strength=0.7)
     inp = run(client, auth, model=model, task="inpaint", image=data_uri(source), mask=data_uri(half_mask(96, 64)))
-    up = run(client, auth, model=model, task="upscale", image=data_uri(source), scale=2, strength=0.7)
+    # tiny-sd2 upscales with its upscaler (no strength); the others with an img2img refine pass.
+    strength = {} if model == "tiny-sd2" else {"strength": 0.7}
+    up = run(client, auth, model=model, task="upscale", image=data_uri(source), scale=2, **strength)
     assert [i.size for i in (*txt, *img, *inp, *up)] == [(96, 64), (96, 64), (96, 64), (192, 128)]
     # The same request and seed give the same pixels, for image tasks too.
     again = run(client, auth, model=model, task="img2img", image=data_uri(source), strength=0.7)
     np.testing.assert_array_equal(pixels(img[0]), pixels(again[0]))
     assert not np.array_equal(pixels(img[0]), pixels(inp[0]))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_upscale_runs_the_models_x4_upscaler_at_exactly_scale_times_the_input(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    from shared.registry import get_registry
+    from worker.generate import generators
+    from worker.watermark import apply_watermark
+
+    source = picture(40, 32)
+    x4 = run(client, auth, model="tiny-sd2", task="upscale", image=data_uri(source), scale=4)[0]
+    x2 = run(client, auth, model="tiny-sd2", task="upscale", image=data_uri(source), scale=2)[0]
+    assert (x4.size, x2.size) == ((160, 128), (80, 64))
+    again = run(client, auth, model="tiny-sd2", task="upscale", image=data_uri(source), scale=4)[0]
+    np.testing.assert_array_equal(pixels(x4), pixels(again))
+    assert "Upscaler: tiny-x4-upscaler" in (read_parameters(x4) or "")
+    # The very pixels of diffusers' StableDiffusionUpscalePipeline on the input, watermarked: not a refine pass.
+    upscaler = tasks.pipeline_cache().get(get_registry().get("tiny-x4-upscaler"))  # type: ignore[arg-type]
+    with torch.inference_mode():
+        direct = upscaler(
+            prompt=["a lighthouse"], image=source, num_inference_steps=3, guidance_scale=7.0, generator=generators(3, 1)
+        ).images[0]
+    np.testing.assert_array_equal(pixels(x4), pixels(apply_watermark(direct)))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_fields_an_upscaler_does_not_take_are_refused(client: TestClient, auth: dict[str, str]) -> None:
+    body = {"prompt": "p", "model": "tiny-sd2", "task": "upscale", "image": data_uri(picture(32, 32)), "scale": 4}
+    for extra, field in (({"strength": 0.5}, "strength"), ({"loras": [{"name": "tiny-lora"}]}, "loras")):
+        response = client.post("/v1/jobs", json={**body, **extra}, headers=auth)
+        assert response.status_code == 422
+        assert response.json()["error"]["message"].startswith(f"{field}: not used by upscale jobs on tiny-sd2")
+    models = {m["name"]: m for m in client.get("/v1/models", headers=auth).json()["data"]}
+    assert models["tiny-sd2"]["defaults"]["upscaler"] == "tiny-x4-upscaler"
+    assert models["tiny-x4-upscaler"]["limits"]["tasks"] == ["upscale"]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
