@@ -17,6 +17,7 @@ from shared.db import session_scope
 from shared.errors import InvalidRequest
 from shared.fetch import FetchPolicy, fetch_image
 from shared.images import decode_image, encode_png, parse_data_uri
+from shared.outpaint import extend_canvas, outpaint_mask
 from shared.registry import ModelSpec, Registry
 from shared.settings import get_settings
 from shared.storage import Storage, input_key
@@ -25,6 +26,29 @@ from shared.uploads import resolve_upload
 
 MAX_LORAS = 4
 OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class Pad(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    left: int = Field(0, description="Pixels added on the left, a multiple of 8.")
+    right: int = Field(0, description="Pixels added on the right, a multiple of 8.")
+    top: int = Field(0, description="Pixels added on top, a multiple of 8.")
+    bottom: int = Field(0, description="Pixels added at the bottom, a multiple of 8.")
+
+
+def check_pad_shape(value: Any) -> Any:
+    """One message for a malformed `pad`, rather than pydantic's error for each arm of `int | Pad`."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("must be an integer or an object with left, right, top, bottom")
+    for side, amount in value.items():
+        if side not in ("left", "right", "top", "bottom"):
+            raise ValueError(f"unknown side {side!r}; the sides are left, right, top, bottom")
+        if not isinstance(amount, int) or isinstance(amount, bool):
+            raise ValueError(f"{side} must be an integer number of pixels")
+    return value
 
 
 class LoraRef(BaseModel):
@@ -91,13 +115,15 @@ def check_task_fields(task: str, spec: ModelSpec, given: dict[str, Any], runs: M
     if task not in spec.tasks:
         raise InvalidRequest(f"task: model {spec.name} does not serve {task!r}; it serves {', '.join(spec.tasks)}")
     needs = {"txt2img": set(), "img2img": {"image"}, "inpaint": {"image", "mask"}, "upscale": {"image"}}[task]
-    allowed = needs | {"img2img": {"strength"}, "inpaint": {"strength"}, "upscale": {"scale", "strength"}}.get(
+    if task == "inpaint" and given.get("pad") is not None:
+        needs = {"image"}  # outpainting makes its own mask (a given one still counts inside the image)
+    allowed = needs | {"img2img": {"strength"}, "inpaint": {"strength", "mask", "pad"}, "upscale": {"scale", "strength"}}.get(
         task, set()
     )
     for field in sorted(needs):
         if given.get(field) is None:
             raise InvalidRequest(f"{field}: required for task {task!r}")
-    for field in ("image", "mask", "strength", "scale"):
+    for field in ("image", "mask", "strength", "scale", "pad"):
         if given.get(field) is not None and field not in allowed:
             raise InvalidRequest(f"{field}: not used by task {task!r}")
     if runs.upscale_factor:
@@ -170,11 +196,16 @@ def store_inputs(storage: Storage, job_id: str, inputs: Inputs, request: dict[st
     if inputs.image is None:
         return
     image, mask = inputs.image, inputs.mask
+    pad = request.get("pad")
     if request["task"] in ("img2img", "inpaint"):
         size = (int(request["width"]), int(request["height"]))
+        if pad:  # the image's size inside the padded canvas
+            size = (size[0] - pad["left"] - pad["right"], size[1] - pad["top"] - pad["bottom"])
         if image.size != size:
             image = image.resize(size, Image.Resampling.LANCZOS)
             mask = mask.resize(size, Image.Resampling.NEAREST) if mask is not None else None
+        if pad:
+            image, mask = extend_canvas(image, pad), outpaint_mask(size, pad, mask)
     # upscale keeps the original: the worker enlarges it itself (an upscaler pipeline wants the low-res image).
     request["image"] = input_key(job_id, "image")
     storage.put(request["image"], encode_png(image), "image/png")

@@ -9,8 +9,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.generation import MAX_LORAS, LoraRef, OutputFormat, check_task_fields, default_size, generation_fields
+from api.generation import (
+    MAX_LORAS,
+    LoraRef,
+    OutputFormat,
+    Pad,
+    check_pad_shape,
+    check_task_fields,
+    default_size,
+    generation_fields,
+)
 from shared.errors import InvalidRequest
+from shared.outpaint import check_pad, padded_size
 from shared.registry import ModelSpec, Registry, Scheduler, Task
 
 MAX_METADATA_BYTES = 4096
@@ -80,6 +90,11 @@ class JobCreate(BaseModel):
     mask: str | None = Field(None, max_length=2_000_000, description="inpaint: white repaints, black keeps. Same size.")
     strength: float | None = Field(None, gt=0, le=1, description="img2img/inpaint/upscale: how much to change, 0-1.")
     scale: Literal[2, 4] | None = Field(None, description="upscale: 2 or 4.")
+    pad: int | Pad | None = Field(
+        None,
+        description="inpaint (outpainting): pixels added around the image, one int for every side or "
+        "{left, right, top, bottom}; multiples of 8. The new area is repainted; `mask` becomes optional.",
+    )
     scheduler: Scheduler | None = Field(None, description="Sampler by name; the model's default when omitted.")
     loras: list[LoraRef] | None = Field(None, max_length=MAX_LORAS, description="LoRAs from GET /v1/models.")
     output_format: OutputFormat = Field("png", description="png, jpeg or webp.")
@@ -91,6 +106,11 @@ class JobCreate(BaseModel):
         if not value.strip():
             raise ValueError("must not be blank")
         return value
+
+    @field_validator("pad", mode="before")
+    @classmethod
+    def _pad_shape(cls, value: Any) -> Any:
+        return check_pad_shape(value)
 
     @field_validator("metadata")
     @classmethod
@@ -112,13 +132,20 @@ class JobCreate(BaseModel):
         # An upscale job on a model with an upscaler runs on the upscaler, with its defaults and limits; the job
         # stays the requested model's (its queue, its metrics).
         runs = registry.runs_on(spec, self.task)
-        given = self.model_dump(include={"image", "mask", "strength", "scale", "loras"})
+        given = self.model_dump(include={"image", "mask", "strength", "scale", "loras", "pad"})
         check_task_fields(self.task, spec, given, runs)
         implied = default_size(self.task, input_size, self.scale)
         if self.task == "upscale" and (self.width is not None or self.height is not None):
             raise InvalidRequest("width: upscale jobs take their size from image and scale")
         width = self.width if self.width is not None else implied[0] if implied else runs.default_width
         height = self.height if self.height is not None else implied[1] if implied else runs.default_height
+        pad = check_pad(given["pad"])
+        if pad is not None:
+            width, height = padded_size(width, height, pad)
+            if width > runs.max_width or height > runs.max_height:
+                raise InvalidRequest(
+                    f"pad: makes the canvas {width}x{height}, over {runs.name}'s max of {runs.max_width}x{runs.max_height}"
+                )
         for field, value, limit in (("width", width, runs.max_width), ("height", height, runs.max_height)):
             if value % 8:
                 raise InvalidRequest(f"{field}: must be a multiple of 8, got {value}")
@@ -145,6 +172,8 @@ class JobCreate(BaseModel):
             "seed": seed,
             "num_images": self.num_images,
         }
+        if pad is not None:
+            request["pad"] = pad
         request |= generation_fields(
             spec=runs,
             registry=registry,

@@ -134,6 +134,51 @@ def test_fields_an_upscaler_does_not_take_are_refused(client: TestClient, auth: 
     assert models["tiny-x4-upscaler"]["limits"]["tasks"] == ["upscale"]
 
 
+def stored_input(job_id: str, field: str) -> Image.Image:
+    with session_scope() as session:
+        key = get_job(session, job_id).request[field]
+    return Image.open(io.BytesIO(get_storage().get(key)))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_outpainting_extends_the_canvas_and_repaints_only_the_new_area(client: TestClient, auth: dict[str, str]) -> None:
+    source = picture(64, 64)
+    body = {"prompt": "a lighthouse", "steps": 3, "seed": 3, "task": "inpaint", "image": data_uri(source)}
+    response = client.post("/v1/jobs", json={**body, "pad": {"left": 32, "right": 32}, "strength": 1.0}, headers=auth)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert response.json()["request"]["pad"] == {"left": 32, "right": 32, "top": 0, "bottom": 0}
+    assert tasks.run_job(job_id) == "succeeded"
+    [out] = outputs(job_id)
+    assert out.size == (128, 64)
+    # The canvas: the input unchanged in the middle, its edge colours carried outwards; white mask outside.
+    canvas, mask = stored_input(job_id, "image"), stored_input(job_id, "mask")
+    np.testing.assert_array_equal(pixels(canvas)[:, 32:96], pixels(source))
+    assert abs(int(pixels(canvas)[:, 0].mean()) - int(pixels(source)[:, 0].mean())) < 8  # not black, not noise
+    expected_mask = np.zeros((64, 128), dtype=np.uint8)
+    expected_mask[:, :32] = expected_mask[:, 96:] = 255
+    np.testing.assert_array_equal(np.asarray(mask), expected_mask)
+    # The model repaints the new strips and keeps the original area.
+    kept = np.abs(pixels(out)[:, 40:88] - pixels(source)[:, 8:56]).mean()
+    repainted = np.abs(pixels(out)[:, :24] - pixels(canvas)[:, :24]).mean()
+    assert kept < repainted
+    again = run(client, auth, task="inpaint", image=data_uri(source), pad={"left": 32, "right": 32}, strength=1.0)
+    np.testing.assert_array_equal(pixels(out), pixels(again[0]))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_outpainting_with_one_int_and_a_mask_repaints_both(client: TestClient, auth: dict[str, str]) -> None:
+    source = picture(64, 48)
+    body = {"prompt": "a lighthouse", "steps": 2, "task": "inpaint", "image": data_uri(source), "pad": 16}
+    response = client.post("/v1/jobs", json={**body, "mask": data_uri(half_mask(64, 48))}, headers=auth)
+    job_id = response.json()["id"]
+    assert tasks.run_job(job_id) == "succeeded"
+    assert outputs(job_id)[0].size == (96, 80)
+    mask = np.asarray(stored_input(job_id, "mask"))
+    assert (mask[:16] == 255).all() and (mask[-16:] == 255).all() and (mask[:, :16] == 255).all()
+    assert (mask[16:64, 16:48] == 0).all() and (mask[16:64, 48:80] == 255).all()  # the given half mask, inside
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_inpaint_keeps_the_unmasked_half_close_to_the_input(client: TestClient, auth: dict[str, str]) -> None:
     source = picture(64, 64)
