@@ -117,9 +117,11 @@ def check_task_fields(task: str, spec: ModelSpec, given: dict[str, Any], runs: M
     needs = {"txt2img": set(), "img2img": {"image"}, "inpaint": {"image", "mask"}, "upscale": {"image"}}[task]
     if task == "inpaint" and given.get("pad") is not None:
         needs = {"image"}  # outpainting makes its own mask (a given one still counts inside the image)
-    allowed = needs | {"img2img": {"strength"}, "inpaint": {"strength", "mask", "pad"}, "upscale": {"scale", "strength"}}.get(
-        task, set()
-    )
+    allowed = needs | {
+        "img2img": {"strength"},
+        "inpaint": {"strength", "mask", "pad"},
+        "upscale": {"scale", "strength"},
+    }.get(task, set())
     for field in sorted(needs):
         if given.get(field) is None:
             raise InvalidRequest(f"{field}: required for task {task!r}")
@@ -129,7 +131,9 @@ def check_task_fields(task: str, spec: ModelSpec, given: dict[str, Any], runs: M
     if runs.upscale_factor:
         for field in ("strength", "loras"):
             if given.get(field):
-                raise InvalidRequest(f"{field}: not used by upscale jobs on {spec.name}, which run its upscaler {runs.name}")
+                raise InvalidRequest(
+                    f"{field}: not used by upscale jobs on {spec.name}, which run its upscaler {runs.name}"
+                )
 
 
 def default_size(task: str, input_size: tuple[int, int] | None, scale: int | None) -> tuple[int, int] | None:

@@ -144,13 +144,16 @@ class JobCreate(BaseModel):
             width, height = padded_size(width, height, pad)
             if width > runs.max_width or height > runs.max_height:
                 raise InvalidRequest(
-                    f"pad: makes the canvas {width}x{height}, over {runs.name}'s max of {runs.max_width}x{runs.max_height}"
+                    f"pad: makes the canvas {width}x{height}, over {runs.name}'s max of"
+                    f" {runs.max_width}x{runs.max_height}"
                 )
         for field, value, limit in (("width", width, runs.max_width), ("height", height, runs.max_height)):
             if value % 8:
                 raise InvalidRequest(f"{field}: must be a multiple of 8, got {value}")
             if not runs.min_size <= value <= limit:
-                raise InvalidRequest(f"{field}: must be between {runs.min_size} and {limit} for {runs.name}, got {value}")
+                raise InvalidRequest(
+                    f"{field}: must be between {runs.min_size} and {limit} for {runs.name}, got {value}"
+                )
         steps = self.steps if self.steps is not None else runs.default_steps
         if steps > runs.max_steps:
             raise InvalidRequest(f"steps: must be at most {runs.max_steps} for {runs.name}, got {steps}")
@@ -160,7 +163,7 @@ class JobCreate(BaseModel):
         seed = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED - 8)
         if seed + self.num_images - 1 > MAX_SEED:
             raise InvalidRequest(f"seed: seed + num_images - 1 must not exceed {MAX_SEED}")
-        request = {
+        request: dict[str, Any] = {
             "task": self.task,
             "model": name,
             "prompt": self.prompt,

@@ -70,7 +70,7 @@ class ModelSpec(BaseModel):
         if not (1 <= self.default_steps <= self.max_steps):
             raise ValueError(f"model {self.name!r}: default_steps must lie in 1..max_steps")
         if self.upscale_factor and (self.tasks != ["upscale"] or self.upscaler):
-            raise ValueError(f"model {self.name!r}: an upscaler must have tasks = [\"upscale\"] and no upscaler")
+            raise ValueError(f'model {self.name!r}: an upscaler must have tasks = ["upscale"] and no upscaler')
         return self
 
 

@@ -181,8 +181,13 @@ def build_tiny_x4_upscaler(seed: int = 0) -> Any:
     """diffusers' x4 upscaler layout (stabilityai/stable-diffusion-x4-upscaler, scaled down): the UNet denoises
     latents at the input's size, conditioned on the noised input image (3 extra channels) and its noise level
     (a class embedding); a VAE with three blocks decodes them at 4x."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
-    from diffusers import UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)

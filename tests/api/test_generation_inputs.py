@@ -161,13 +161,17 @@ def test_bad_images_are_refused_before_decoding(api: TestClient, auth: dict[str,
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_bad_outpainting_pads_are_refused_naming_pad(api: TestClient, auth: dict[str, str]) -> None:
     image = data_uri(png_bytes(64, 64))
-    refused(submit(api, auth, task="inpaint", image=image, pad=5), "pad", "left must be a non-negative multiple of 8, got 5")
+    refused(
+        submit(api, auth, task="inpaint", image=image, pad=5), "pad", "left must be a non-negative multiple of 8, got 5"
+    )
     refused(submit(api, auth, task="inpaint", image=image, pad={"top": -8}), "pad", "top must be a non-negative")
     refused(submit(api, auth, task="inpaint", image=image, pad={"left": 12}), "pad", "multiple of 8, got 12")
     refused(submit(api, auth, task="inpaint", image=image, pad=0), "pad", "at least one side")
     refused(submit(api, auth, task="inpaint", image=image, pad={}), "pad", "at least one side")
     # tiny-sd's canvas is at most 512x512: 64 + 2 x 232 = 528.
-    refused(submit(api, auth, task="inpaint", image=image, pad=232), "pad", "canvas 528x528, over tiny-sd's max of 512x512")
+    refused(
+        submit(api, auth, task="inpaint", image=image, pad=232), "pad", "canvas 528x528, over tiny-sd's max of 512x512"
+    )
     refused(submit(api, auth, task="inpaint", image=image, pad={"middle": 8}), "pad", "unknown side 'middle'")
     refused(submit(api, auth, task="inpaint", image=image, pad={"left": "8"}), "pad", "left must be an integer")
     refused(submit(api, auth, task="inpaint", image=image, pad="64"), "pad", "must be an integer or an object")

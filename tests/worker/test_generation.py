@@ -141,7 +141,9 @@ def stored_input(job_id: str, field: str) -> Image.Image:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_outpainting_extends_the_canvas_and_repaints_only_the_new_area(client: TestClient, auth: dict[str, str]) -> None:
+def test_outpainting_extends_the_canvas_and_repaints_only_the_new_area(
+    client: TestClient, auth: dict[str, str]
+) -> None:
     source = picture(64, 64)
     body = {"prompt": "a lighthouse", "steps": 3, "seed": 3, "task": "inpaint", "image": data_uri(source)}
     response = client.post("/v1/jobs", json={**body, "pad": {"left": 32, "right": 32}, "strength": 1.0}, headers=auth)
@@ -243,7 +245,9 @@ def test_outputs_carry_parameters_provenance_and_a_watermark(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_small_output_carries_the_watermark_too(client: TestClient, auth: dict[str, str]) -> None:
-    response = client.post("/v1/jobs", json={"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64}, headers=auth)
+    response = client.post(
+        "/v1/jobs", json={"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64}, headers=auth
+    )
     job_id = response.json()["id"]
     assert tasks.run_job(job_id) == "succeeded"
     [image] = outputs(job_id)
