@@ -141,6 +141,9 @@ class JobCreate(BaseModel):
         height = self.height if self.height is not None else implied[1] if implied else runs.default_height
         pad = check_pad(given["pad"])
         if pad is not None:
+            for field, value in (("width", width), ("height", height)):
+                if value < 8:  # the image inside the canvas; the canvas itself is checked below
+                    raise InvalidRequest(f"{field}: must be at least 8, got {value}")
             width, height = padded_size(width, height, pad)
             if width > runs.max_width or height > runs.max_height:
                 raise InvalidRequest(

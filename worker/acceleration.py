@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from shared.settings import Settings
+from worker.upscale import is_upscaler
 
 log = logging.getLogger("darkroom.worker")
 
@@ -59,7 +60,8 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(memory_format=torch.channels_last)
-    if settings.compile and getattr(pipe, "unet", None) is not None:
+    # Compiled shapes are text-to-image shapes; an upscaler's follow its input images, so it runs eagerly.
+    if settings.compile and getattr(pipe, "unet", None) is not None and not is_upscaler(pipe):
         configure_compile_cache(settings)
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
         warm(pipe, parse_shapes(settings.compile_shapes))

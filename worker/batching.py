@@ -28,6 +28,7 @@ from worker.acceleration import bucket_for, parse_shapes
 from worker.generate import StopGeneration, generate_batch
 from worker.inputs import load_inputs
 from worker.preview import Factors, preview_uri
+from worker.upscale import is_upscaler
 
 log = logging.getLogger("darkroom.worker")
 
@@ -235,7 +236,7 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
     first = members[0].request
     images = sum(m.images for m in members)
     pad_to = 0
-    if settings.compile:
+    if settings.compile and not is_upscaler(pipe):  # upscalers are not compiled (worker/acceleration.py)
         pad_to = bucket_for(images, int(first["width"]), int(first["height"]), parse_shapes(settings.compile_shapes))
     # Only a call of its own carries a job's input images (run_batch never batches image tasks).
     inputs = load_inputs(first) if len(members) == 1 else None

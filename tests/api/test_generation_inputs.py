@@ -177,6 +177,7 @@ def test_bad_outpainting_pads_are_refused_naming_pad(api: TestClient, auth: dict
     refused(submit(api, auth, task="inpaint", image=image, pad="64"), "pad", "must be an integer or an object")
     refused(submit(api, auth, task="inpaint", image=image, pad=8.0), "pad", "must be an integer or an object")
     refused(submit(api, auth, task="inpaint", image=image, pad=True), "pad", "must be an integer or an object")
+    refused(submit(api, auth, task="inpaint", image=image, pad=64, width=0), "width", "at least 8, got 0")
     refused(submit(api, auth, task="img2img", image=image, pad=8), "pad", "not used by task 'img2img'")
     refused(submit(api, auth, pad=8), "pad", "not used by task 'txt2img'")
     assert job_count() == 0

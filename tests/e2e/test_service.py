@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import signal
@@ -200,3 +201,19 @@ def test_upscale_on_a_model_with_an_upscaler_runs_the_x4_upscaler(service: Servi
     np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(images[1]))
     assert "Upscaler: tiny-x4-upscaler" in images[0].info["parameters"]
     assert all(d["outputs"][0]["watermarked"] for d in done)
+
+
+def test_outpainting_through_the_service(service: Service) -> None:
+    auth = service.key("acme")
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), 120, dtype=np.uint8)).save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    job = service.submit(auth, task="inpaint", image=image, pad={"left": 16, "top": 8, "bottom": 8}, steps=3)
+    assert job["request"]["pad"] == {"left": 16, "right": 0, "top": 8, "bottom": 8}
+    done = service.wait(auth, job["id"])
+    assert done["status"] == "succeeded", done
+    assert download(done["outputs"][0]["url"]).size == (80, 64)
+    refused = httpx.post(
+        f"{service.url}/v1/jobs", json={"prompt": "x", "task": "inpaint", "image": image, "pad": 3}, headers=auth
+    )
+    assert refused.status_code == 422 and refused.json()["error"]["message"].startswith("pad:")
