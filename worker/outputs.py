@@ -15,7 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from shared.storage import output_key
-from worker.watermark import apply_watermark, has_watermark
+from worker.watermark import MATCH_THRESHOLD, embed_watermark, has_watermark
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -72,7 +72,7 @@ def encode_output(image: Image.Image, request: dict[str, Any], *, job_id: str, s
     fmt = request.get("output_format", "png")
     parameters = parameters_text(request, seed=seed, sampler=sampler, width=image.width, height=image.height)
     provenance = provenance_text(request, job_id)
-    image = apply_watermark(image)
+    image, matching = embed_watermark(image)
     buffer = io.BytesIO()
     if fmt == "png":
         info = PngInfo()
@@ -87,8 +87,10 @@ def encode_output(image: Image.Image, request: dict[str, Any], *, job_id: str, s
         quality = int(request.get("quality") or 90)
         image.save(buffer, format=fmt.upper(), quality=quality, exif=exif.tobytes())
     data = buffer.getvalue()
-    # Checked on the bytes clients get: a lossy format may erase the mark of a small image.
-    watermarked = has_watermark(Image.open(io.BytesIO(data)))
+    # What clients get must read back: PNG stores exactly the pixels just checked; a lossy format may erase
+    # the mark of a small image, so its bytes are read again.
+    lossless = fmt == "png"
+    watermarked = matching >= MATCH_THRESHOLD if lossless else has_watermark(Image.open(io.BytesIO(data)))
     return Encoded(data, CONTENT_TYPES[fmt], EXTENSIONS[fmt], watermarked)
 
 

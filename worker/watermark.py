@@ -53,18 +53,24 @@ def _bgr(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
 
 
-def apply_watermark(image: Image.Image) -> Image.Image:
-    """The image with darkroom's mark; unchanged if it is too small to hold one (see `can_watermark`)."""
+def embed_watermark(image: Image.Image) -> tuple[Image.Image, int]:
+    """The image with darkroom's mark, and how many bits its exact pixels read back (0: too small to hold one)."""
     if not can_watermark(image):
-        return image
-    marked = image
+        return image, 0
+    marked, matching = image, 0
     for _ in range(EMBED_PASSES):
         # Re-embedding into the already rounded pixels pulls back the bits that rounding pushed over.
         encoded = _transform(WATERMARK_BITS).encode(_bgr(marked))
         marked = Image.fromarray(np.ascontiguousarray(encoded[:, :, ::-1]))
-        if watermark_bits_matching(marked) == len(WATERMARK_BITS):
+        matching = watermark_bits_matching(marked)
+        if matching == len(WATERMARK_BITS):
             break
-    return marked
+    return marked, matching
+
+
+def apply_watermark(image: Image.Image) -> Image.Image:
+    """The image with darkroom's mark; unchanged if it is too small to hold one (see `can_watermark`)."""
+    return embed_watermark(image)[0]
 
 
 def watermark_bits_matching(image: Image.Image) -> int:
