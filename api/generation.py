@@ -25,6 +25,8 @@ from shared.uploads import PREFIX as UPLOAD_PREFIX
 from shared.uploads import resolve_upload
 
 MAX_LORAS = 4
+# diffusers' x4 upscaler adds noise to its input at a level of 0..max_noise_level (350), 20 by default.
+MAX_NOISE_LEVEL, DEFAULT_NOISE_LEVEL = 350, 20
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -128,6 +130,8 @@ def check_task_fields(task: str, spec: ModelSpec, given: dict[str, Any], runs: M
     for field in ("image", "mask", "strength", "scale", "pad"):
         if given.get(field) is not None and field not in allowed:
             raise InvalidRequest(f"{field}: not used by task {task!r}")
+    if given.get("noise_level") is not None and not (task == "upscale" and runs.upscale_factor):
+        raise InvalidRequest(f"noise_level: used only by upscale jobs on a model with an upscaler, not {spec.name}")
     if runs.upscale_factor:
         for field in ("strength", "loras"):
             if given.get(field):
@@ -152,6 +156,7 @@ def generation_fields(
     registry: Registry,
     task: str,
     strength: float | None,
+    noise_level: int | None,
     scale: int | None,
     scheduler: str | None,
     loras: list[LoraRef] | None,
@@ -166,6 +171,7 @@ def generation_fields(
         fields["scale"] = scale or 2
         if spec.upscale_factor:
             fields["upscaler"] = spec.name  # the worker runs this model rather than the job's own
+            fields["noise_level"] = noise_level if noise_level is not None else DEFAULT_NOISE_LEVEL
         else:
             fields["strength"] = float(strength if strength is not None else spec.upscale_strength)
     if scheduler is not None and scheduler not in spec.schedulers:

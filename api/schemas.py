@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.generation import (
     MAX_LORAS,
+    MAX_NOISE_LEVEL,
     LoraRef,
     OutputFormat,
     Pad,
@@ -90,6 +91,13 @@ class JobCreate(BaseModel):
     mask: str | None = Field(None, max_length=2_000_000, description="inpaint: white repaints, black keeps. Same size.")
     strength: float | None = Field(None, gt=0, le=1, description="img2img/inpaint/upscale: how much to change, 0-1.")
     scale: Literal[2, 4] | None = Field(None, description="upscale: 2 or 4.")
+    noise_level: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_NOISE_LEVEL,
+        description="upscale on a model's x4 upscaler: noise added to the input first, 0-350 (default 20); "
+        "more lets the upscaler invent more detail.",
+    )
     pad: int | Pad | None = Field(
         None,
         description="inpaint (outpainting): pixels added around the image, one int for every side or "
@@ -132,7 +140,7 @@ class JobCreate(BaseModel):
         # An upscale job on a model with an upscaler runs on the upscaler, with its defaults and limits; the job
         # stays the requested model's (its queue, its metrics).
         runs = registry.runs_on(spec, self.task)
-        given = self.model_dump(include={"image", "mask", "strength", "scale", "loras", "pad"})
+        given = self.model_dump(include={"image", "mask", "strength", "scale", "loras", "pad", "noise_level"})
         check_task_fields(self.task, spec, given, runs)
         implied = default_size(self.task, input_size, self.scale)
         if self.task == "upscale" and (self.width is not None or self.height is not None):
@@ -185,6 +193,7 @@ class JobCreate(BaseModel):
             registry=registry,
             task=self.task,
             strength=self.strength,
+            noise_level=self.noise_level,
             scale=self.scale,
             scheduler=self.scheduler,
             loras=self.loras,

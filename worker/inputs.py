@@ -50,7 +50,7 @@ def pipe_kwargs_for(request: dict[str, Any], inputs: dict[str, Image.Image]) -> 
             "height": height,
         }
     if task == "upscale" and request.get("upscaler"):
-        return {"image": low_res_input(inputs["image"])}
+        return {"image": low_res_input(inputs["image"]), "noise_level": int(request["noise_level"])}
     if task == "upscale":
         # The refine pass: enlarge, then let img2img add detail at the new size.
         enlarged = inputs["image"].resize((width, height), Image.Resampling.LANCZOS)

@@ -47,6 +47,7 @@ def parameters_text(request: dict[str, Any], *, seed: int, sampler: str, width: 
         pairs.append(f"Denoising strength: {request['strength']:g}")
     if request.get("upscaler"):
         pairs.append(f"Upscaler: {request['upscaler']}")
+        pairs.append(f"Noise level: {request['noise_level']}")
     if request.get("loras"):
         pairs.append("Lora weights: " + '"' + ", ".join(f"{x['name']}: {x['scale']:g}" for x in request["loras"]) + '"')
     lines.append(", ".join(pairs))

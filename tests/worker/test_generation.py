@@ -112,7 +112,9 @@ def test_upscale_runs_the_models_x4_upscaler_at_exactly_scale_times_the_input(
     assert (x4.size, x2.size) == ((160, 128), (80, 64))
     again = run(client, auth, model="tiny-sd2", task="upscale", image=data_uri(source), scale=4)[0]
     np.testing.assert_array_equal(pixels(x4), pixels(again))
-    assert "Upscaler: tiny-x4-upscaler" in (read_parameters(x4) or "")
+    assert "Upscaler: tiny-x4-upscaler, Noise level: 20" in (read_parameters(x4) or "")
+    noisier = run(client, auth, model="tiny-sd2", task="upscale", image=data_uri(source), scale=4, noise_level=200)[0]
+    assert noisier.size == (160, 128) and not np.array_equal(pixels(x4), pixels(noisier))
     # The very pixels of diffusers' StableDiffusionUpscalePipeline on the input, watermarked: not a refine pass.
     upscaler = tasks.pipeline_cache().get(get_registry().get("tiny-x4-upscaler"))  # type: ignore[arg-type]
     with torch.inference_mode():
@@ -129,6 +131,13 @@ def test_fields_an_upscaler_does_not_take_are_refused(client: TestClient, auth: 
         response = client.post("/v1/jobs", json={**body, **extra}, headers=auth)
         assert response.status_code == 422
         assert response.json()["error"]["message"].startswith(f"{field}: not used by upscale jobs on tiny-sd2")
+    for extra, reason in (
+        ({"noise_level": 351}, "less than or equal to 350"),
+        ({"noise_level": 20, "model": "tiny-sd"}, "used only by upscale jobs on a model with an upscaler"),
+    ):
+        response = client.post("/v1/jobs", json={**body, **extra}, headers=auth)
+        assert response.status_code == 422 and response.json()["error"]["message"].startswith("noise_level:")
+        assert reason in response.json()["error"]["message"]
     models = {m["name"]: m for m in client.get("/v1/models", headers=auth).json()["data"]}
     assert models["tiny-sd2"]["defaults"]["upscaler"] == "tiny-x4-upscaler"
     assert models["tiny-x4-upscaler"]["limits"]["tasks"] == ["upscale"]
