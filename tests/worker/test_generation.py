@@ -202,7 +202,8 @@ def test_inpaint_keeps_the_unmasked_half_close_to_the_input(client: TestClient, 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_scheduler_choice_changes_the_output_and_does_not_leak(client: TestClient, auth: dict[str, str]) -> None:
     before = run(client, auth)[0]
-    outputs = {name: run(client, auth, scheduler=name)[0] for name in ("euler_a", "dpmpp_2m_karras", "ddim", "unipc")}
+    names = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "lcm")
+    outputs = {name: run(client, auth, scheduler=name)[0] for name in names}
     after = run(client, auth)[0]
     np.testing.assert_array_equal(pixels(before), pixels(after))
     assert not np.array_equal(pixels(before), pixels(outputs["dpmpp_2m_karras"]))
@@ -218,6 +219,17 @@ def test_a_lora_changes_the_output_and_leaves_no_trace(client: TestClient, auth:
     assert not np.array_equal(pixels(before), pixels(with_lora))
     assert not np.array_equal(pixels(with_lora), pixels(half))
     np.testing.assert_array_equal(pixels(before), pixels(after))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_lcm_lora_job_runs_in_four_steps_at_guidance_one(client: TestClient, auth: dict[str, str]) -> None:
+    # LCM-LoRA as people run it: the LoRA, the LCM scheduler, 4 steps, guidance 1 (no classifier-free pass).
+    lcm = {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.0}
+    [out] = run(client, auth, loras=[{"name": "tiny-lora", "scale": 1.0}], **lcm)
+    [plain] = run(client, auth, **lcm)
+    assert out.size == (64, 64) and not np.array_equal(pixels(out), pixels(plain))
+    parameters = read_parameters(out) or ""
+    assert "Steps: 4, Sampler: LCM, CFG scale: 1, " in parameters and "tiny-lora: 1" in parameters
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
