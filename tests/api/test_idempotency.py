@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import func, select
 
 from shared import idempotency
 from shared.db import session_scope
-from shared.tables import Job, Tenant
+from shared.tables import Job, Tenant, Upload
 from tests.api.test_jobs import queued_messages
 
 
@@ -90,6 +92,23 @@ def test_rotating_the_webhook_secret_is_idempotent_too(api: TestClient, auth: di
     assert (
         again.json()["secret"] == first.json()["secret"] == api.get("/v1/webhook-secret", headers=auth).json()["secret"]
     )
+
+
+def test_an_upload_retried_with_its_key_stores_one_image(api: TestClient, auth: dict[str, str]) -> None:
+    headers = {**auth, "Idempotency-Key": "upload-1"}
+
+    def upload(colour: str) -> Any:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+        return api.post("/v1/uploads", files={"file": ("in.png", buffer.getvalue(), "image/png")}, headers=headers)
+
+    first, again = upload("red"), upload("red")
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.headers["idempotent-replayed"] == "true" and again.json() == first.json()
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Upload)) == 1
+    reused = upload("blue")  # another file under the same key
+    assert reused.status_code == 422 and reused.json()["error"]["code"] == "idempotency_key_reused"
 
 
 def test_expired_keys_are_forgotten(api: TestClient, auth: dict[str, str], darkroom_env: dict[str, Any]) -> None:
