@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,40 +82,58 @@ class Service:
                 proc.stop()
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, s3_endpoint: str) -> Iterator[Service]:
+@contextlib.contextmanager
+def running_service(
+    data: Path,
+    models_dir: Path,
+    *,
+    s3_endpoint: str | None = None,
+    env: dict[str, str] | None = None,
+    kind: type[Service] = Service,
+    worker: bool = True,
+) -> Iterator[Service]:
+    """A migrated private database and Redis prefix, storage (S3 when given an endpoint, else local), the API
+    and one worker as processes; all removed afterwards. `env` adds or overrides settings."""
     run_id = uuid.uuid4().hex[:8]
-    database = f"darkroom_e2e_{run_id}"
-    prefix = f"darkroom-e2e:{run_id}:"
-    data = tmp_path_factory.mktemp("e2e")
-    env = {
+    database, prefix = f"darkroom_e2e_{run_id}", f"darkroom-e2e:{run_id}:"
+    base = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(data),
         "HF_HUB_OFFLINE": "1",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_EC2_METADATA_DISABLED": "true",
         "DARKROOM_DATA_DIR": str(data),
         "DARKROOM_DATABASE_URL": create_pg_database(database),
         "DARKROOM_REDIS_URL": "redis://127.0.0.1:6379/0",
         "DARKROOM_REDIS_PREFIX": prefix,
-        "DARKROOM_STORAGE_URL": f"s3://{BUCKET}/{run_id}",
-        "DARKROOM_S3_ENDPOINT_URL": s3_endpoint,
+        "DARKROOM_STORAGE_URL": (data / "storage").as_uri(),
         "DARKROOM_MODEL_CACHE_DIR": str(models_dir),
         "DARKROOM_SECRET_KEY": "e2e-secret",
-        "DARKROOM_LEASE_SECONDS": "4",
         "DARKROOM_RECONCILE_INTERVAL": "0.5",
-        "DARKROOM_PROGRESS_INTERVAL": "0.1",
         "DARKROOM_ENV_FILE": "",
     }
-    result = run_cli(["migrate"], env)
-    assert result.returncode == 0, result.stderr
-    svc = Service(env, data)
-    svc.start_api()
-    svc.start_worker()
+    if s3_endpoint is not None:
+        base |= {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "DARKROOM_STORAGE_URL": f"s3://{BUCKET}/{run_id}",
+            "DARKROOM_S3_ENDPOINT_URL": s3_endpoint,
+        }
+    svc = kind(base | (env or {}), data)
     try:
+        result = run_cli(["migrate"], svc.env)
+        assert result.returncode == 0, result.stderr
+        svc.start_api()
+        if worker:
+            svc.start_worker()
         yield svc
     finally:
         svc.stop()
         delete_redis_prefix(prefix)
         drop_pg_database(database)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, s3_endpoint: str) -> Iterator[Service]:
+    settings = {"DARKROOM_LEASE_SECONDS": "4", "DARKROOM_PROGRESS_INTERVAL": "0.1"}
+    with running_service(tmp_path_factory.mktemp("e2e"), models_dir, s3_endpoint=s3_endpoint, env=settings) as svc:
+        yield svc

@@ -5,7 +5,6 @@ a tenant with a short retention sees its job's images deleted by the worker's sw
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,53 +15,22 @@ from standardwebhooks import Webhook
 
 from client import Client
 from tests.conftest import BUCKET
-from tests.e2e.conftest import Service
+from tests.e2e.conftest import Service, running_service
 from tests.receiver import Receiver
-from tests.support import create_pg_database, delete_redis_prefix, drop_pg_database, run_cli, wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, s3_endpoint: str) -> Iterator[Service]:
-    run_id = uuid.uuid4().hex[:8]
-    database = f"darkroom_e2e_b_{run_id}"
-    prefix = f"darkroom-e2e-b:{run_id}:"
     data = tmp_path_factory.mktemp("e2e-batches")
     tenants = data / "tenants.toml"
     # About eleven seconds: long enough to see the job succeed, short enough for the sweep to come by soon.
     tenants.write_text("[tenants.shortlived]\nretention_hours = 0.003\n")
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(data),
-        "HF_HUB_OFFLINE": "1",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "DARKROOM_DATA_DIR": str(data),
-        "DARKROOM_DATABASE_URL": create_pg_database(database),
-        "DARKROOM_REDIS_URL": "redis://127.0.0.1:6379/0",
-        "DARKROOM_REDIS_PREFIX": prefix,
-        "DARKROOM_STORAGE_URL": f"s3://{BUCKET}/{run_id}",
-        "DARKROOM_S3_ENDPOINT_URL": s3_endpoint,
-        "DARKROOM_MODEL_CACHE_DIR": str(models_dir),
-        "DARKROOM_SECRET_KEY": "e2e-secret",
-        "DARKROOM_RECONCILE_INTERVAL": "0.5",
-        "DARKROOM_WEBHOOK_ALLOW_PRIVATE": "true",
-        "DARKROOM_TENANT_POLICY_FILE": str(tenants),
-        "DARKROOM_ENV_FILE": "",
-    }
-    result = run_cli(["migrate"], env)
-    assert result.returncode == 0, result.stderr
-    service = Service(env, data)
-    service.start_api()
-    service.start_worker()
-    try:
+    settings = {"DARKROOM_WEBHOOK_ALLOW_PRIVATE": "true", "DARKROOM_TENANT_POLICY_FILE": str(tenants)}
+    with running_service(data, models_dir, s3_endpoint=s3_endpoint, env=settings) as service:
         yield service
-    finally:
-        service.stop()
-        delete_redis_prefix(prefix)
-        drop_pg_database(database)
 
 
 def api_key(headers: dict[str, str]) -> str:

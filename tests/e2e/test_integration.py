@@ -19,13 +19,10 @@ import pytest
 from standardwebhooks import Webhook
 
 from client import AsyncClient, Client, Event
-from tests.e2e.conftest import Service
+from tests.e2e.conftest import Service, running_service
 from tests.receiver import Receiver
 from tests.support import (
     Process,
-    create_pg_database,
-    delete_redis_prefix,
-    drop_pg_database,
     run_cli,
     wait_for,
     wait_http,
@@ -44,44 +41,15 @@ class TwoApiService(Service):
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, s3_endpoint: str) -> Iterator[Service]:
-    from tests.conftest import BUCKET
-
-    run_id = uuid.uuid4().hex[:8]
-    database = f"darkroom_e2e_i_{run_id}"
-    prefix = f"darkroom-e2e-i:{run_id}:"
-    data = tmp_path_factory.mktemp("e2e-integration")
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(data),
-        "HF_HUB_OFFLINE": "1",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "DARKROOM_DATA_DIR": str(data),
-        "DARKROOM_DATABASE_URL": create_pg_database(database),
-        "DARKROOM_REDIS_URL": "redis://127.0.0.1:6379/0",
-        "DARKROOM_REDIS_PREFIX": prefix,
-        "DARKROOM_STORAGE_URL": f"s3://{BUCKET}/{run_id}",
-        "DARKROOM_S3_ENDPOINT_URL": s3_endpoint,
-        "DARKROOM_MODEL_CACHE_DIR": str(models_dir),
-        "DARKROOM_SECRET_KEY": "e2e-secret",
-        "DARKROOM_RECONCILE_INTERVAL": "0.5",
+    settings = {
         "DARKROOM_PROGRESS_INTERVAL": "0",
         "DARKROOM_WEBHOOK_ALLOW_PRIVATE": "true",
         "DARKROOM_WEBHOOK_BACKOFF_SCALE": "0.01",
         "DARKROOM_WEBHOOK_TIMEOUT": "2",
-        "DARKROOM_ENV_FILE": "",
     }
-    assert run_cli(["migrate"], env).returncode == 0
-    service = TwoApiService(env, data)
-    service.start_api()
-    service.start_worker()
-    try:
+    data = tmp_path_factory.mktemp("e2e-integration")
+    with running_service(data, models_dir, s3_endpoint=s3_endpoint, env=settings, kind=TwoApiService) as service:
         yield service
-    finally:
-        service.stop()
-        delete_redis_prefix(prefix)
-        drop_pg_database(database)
 
 
 def api_key(auth: dict[str, str]) -> str:

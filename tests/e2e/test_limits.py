@@ -7,7 +7,6 @@ processes serves only `tiny-sd`, so `tiny-sd2` jobs stay queued for the tests th
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -18,9 +17,9 @@ import httpx
 import pytest
 
 from client import AsyncClient, Client, DarkroomAPIError
-from tests.e2e.conftest import Service
+from tests.e2e.conftest import Service, running_service
 from tests.e2e.test_integration import TwoApiService
-from tests.support import Process, create_pg_database, delete_redis_prefix, drop_pg_database, run_cli, wait_for
+from tests.support import Process, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -53,36 +52,11 @@ class LimitsService(TwoApiService):
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Service]:
-    run_id = uuid.uuid4().hex[:8]
-    database = f"darkroom_e2e_l_{run_id}"
-    prefix = f"darkroom-e2e-l:{run_id}:"
     data = tmp_path_factory.mktemp("e2e-limits")
     (data / "tenants.toml").write_text(TENANTS)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(data),
-        "HF_HUB_OFFLINE": "1",
-        "DARKROOM_DATA_DIR": str(data),
-        "DARKROOM_DATABASE_URL": create_pg_database(database),
-        "DARKROOM_REDIS_URL": "redis://127.0.0.1:6379/0",
-        "DARKROOM_REDIS_PREFIX": prefix,
-        "DARKROOM_STORAGE_URL": (data / "storage").as_uri(),
-        "DARKROOM_MODEL_CACHE_DIR": str(models_dir),
-        "DARKROOM_SECRET_KEY": "e2e-secret",
-        "DARKROOM_TENANT_POLICY_FILE": str(data / "tenants.toml"),
-        "DARKROOM_RECONCILE_INTERVAL": "0.5",
-        "DARKROOM_ENV_FILE": "",
-    }
-    assert run_cli(["migrate"], env).returncode == 0
-    service = LimitsService(env, data)
-    service.start_api()
-    service.start_worker()
-    try:
+    settings = {"DARKROOM_TENANT_POLICY_FILE": str(data / "tenants.toml")}
+    with running_service(data, models_dir, env=settings, kind=LimitsService) as service:
         yield service
-    finally:
-        service.stop()
-        delete_redis_prefix(prefix)
-        drop_pg_database(database)
 
 
 def at_once(count: int, call: object) -> list[httpx.Response]:

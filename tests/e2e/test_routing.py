@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.e2e.conftest import Service
-from tests.support import Process, create_pg_database, delete_redis_prefix, drop_pg_database, run_cli, wait_for
+from tests.e2e.conftest import Service, running_service
+from tests.support import Process, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,36 +31,11 @@ default_steps = 2
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Service]:
-    run_id = uuid.uuid4().hex[:8]
-    database = f"darkroom_routing_{run_id}"
-    prefix = f"darkroom-routing:{run_id}:"
     data = tmp_path_factory.mktemp("routing")
     (data / "models.toml").write_text(MODELS)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(data),
-        "HF_HUB_OFFLINE": "1",
-        "DARKROOM_DATA_DIR": str(data),
-        "DARKROOM_DATABASE_URL": create_pg_database(database),
-        "DARKROOM_REDIS_URL": "redis://127.0.0.1:6379/0",
-        "DARKROOM_REDIS_PREFIX": prefix,
-        "DARKROOM_STORAGE_URL": (data / "storage").as_uri(),
-        "DARKROOM_MODELS_FILE": str(data / "models.toml"),
-        "DARKROOM_DEFAULT_MODEL": "tiny-a",
-        "DARKROOM_MODEL_CACHE_DIR": str(models_dir),
-        "DARKROOM_SECRET_KEY": "routing-secret",
-        "DARKROOM_RECONCILE_INTERVAL": "0.5",
-        "DARKROOM_ENV_FILE": "",
-    }
-    assert run_cli(["migrate"], env).returncode == 0
-    svc = Service(env, data)
-    svc.start_api()
-    try:
+    settings = {"DARKROOM_MODELS_FILE": str(data / "models.toml"), "DARKROOM_DEFAULT_MODEL": "tiny-a"}
+    with running_service(data, models_dir, env=settings, worker=False) as svc:
         yield svc
-    finally:
-        svc.stop()
-        delete_redis_prefix(prefix)
-        drop_pg_database(database)
 
 
 def start_worker(svc: Service, queues: str, name: str) -> Process:
