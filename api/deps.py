@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from shared import logs
-from shared.db import session_scope
+from shared.db import read_scope, session_scope
 from shared.errors import Forbidden, Unauthorized
 from shared.tenants import authenticate, is_admin
 
@@ -35,7 +35,7 @@ def get_tenant(request: Request) -> str:
     # The key is never echoed, in a message or a log: "invalid" says all the client needs.
     tenant_id = None
     if len(key) <= MAX_KEY_LENGTH:
-        with session_scope() as session:
+        with read_scope() as session:
             tenant_id = authenticate(session, key.strip())
     if tenant_id is None:
         raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})

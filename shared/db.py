@@ -24,7 +24,7 @@ class Base(DeclarativeBase):
     pass
 
 
-def make_engine(url: str, *, connect_timeout: int = 3, pool_timeout: float = 3.0) -> Engine:
+def make_engine(url: str, *, connect_timeout: int = 3, pool_timeout: float = 3.0, pool_size: int = 20) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -44,8 +44,8 @@ def make_engine(url: str, *, connect_timeout: int = 3, pool_timeout: float = 3.0
     return create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=20,
+        pool_size=pool_size,
+        max_overflow=10,
         pool_timeout=pool_timeout,
         connect_args={"connect_timeout": connect_timeout},
     )
@@ -55,7 +55,10 @@ def make_engine(url: str, *, connect_timeout: int = 3, pool_timeout: float = 3.0
 def get_engine() -> Engine:
     settings = get_settings()
     return make_engine(
-        settings.database_url, connect_timeout=settings.db_connect_timeout, pool_timeout=settings.db_pool_timeout
+        settings.database_url,
+        connect_timeout=settings.db_connect_timeout,
+        pool_timeout=settings.db_pool_timeout,
+        pool_size=settings.db_pool_size,
     )
 
 
@@ -76,6 +79,17 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def read_scope() -> Iterator[Session]:
+    """A session for one read statement, on an autocommit connection: no BEGIN and COMMIT round trips.
+
+    For hot single-statement reads (the API key of every request); anything that writes, or needs two reads
+    to agree with each other, uses `session_scope`.
+    """
+    with get_engine().connect() as conn, Session(bind=conn.execution_options(isolation_level="AUTOCOMMIT")) as s:
+        yield s
 
 
 DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)

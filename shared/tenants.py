@@ -8,6 +8,7 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from shared.db import read_scope
 from shared.tables import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "dr_"
@@ -40,6 +41,19 @@ def create_key(session: Session, tenant_name: str, *, admin: bool = False) -> st
 def authenticate(session: Session, key: str) -> str | None:
     """The tenant id owning this live key, or None."""
     return session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+
+
+# Tenant names never change once created (there is no rename), so each process keeps the few it has
+# looked up rather than reading the same row on every submit.
+_names: dict[str, str] = {}
+
+
+def tenant_name(tenant_id: str) -> str:
+    name = _names.get(tenant_id)
+    if name is None:
+        with read_scope() as session:
+            name = _names[tenant_id] = session.get_one(Tenant, tenant_id).name
+    return name
 
 
 def is_admin(session: Session, tenant_id: str) -> bool:

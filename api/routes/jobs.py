@@ -29,7 +29,8 @@ from shared.registry import get_registry
 from shared.scheduling import batch_key
 from shared.settings import get_settings
 from shared.storage import get_storage
-from shared.tables import Job, Tenant, new_id
+from shared.tables import Job, new_id
+from shared.tenants import tenant_name
 from shared.webhooks import validate_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -52,10 +53,9 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
     settings = get_settings()
     # Cheap refusals first: the content policy, then input images (fetched and decoded here, so a bad
     # image is a 422 now rather than a failed job later), then the model's limits.
-    with session_scope() as session:
-        tenant_name = session.get_one(Tenant, tenant_id).name
-    policy = policy_for(tenant_name)
-    check_prompt(policy, tenant_name, {"prompt": body.prompt, "negative_prompt": body.negative_prompt})
+    name = tenant_name(tenant_id)
+    policy = policy_for(name)
+    check_prompt(policy, name, {"prompt": body.prompt, "negative_prompt": body.negative_prompt})
     inputs = read_inputs(body.image, body.mask, tenant_id)
     spec, request = body.normalise(get_registry(), settings.default_model, input_size=inputs.size)
     request["nsfw"] = policy.nsfw
