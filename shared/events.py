@@ -57,6 +57,25 @@ def _run_after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit(session: Session) -> None:
     session.info.pop(_AFTER_COMMIT, None)
+    session.info.pop(_STREAM_EVENTS, None)
+
+
+_STREAM_EVENTS = "darkroom_stream_events"
+
+
+def _stream_after_commit(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    """Add a stream event once the transaction commits. A transaction's events (a batch of eight claims or
+    results makes sixteen) go to Redis together, in one round trip, in the order they happened."""
+    pending = session.info.get(_STREAM_EVENTS)
+    if pending is None:
+        pending = session.info[_STREAM_EVENTS] = []
+
+        def send() -> None:
+            session.info.pop(_STREAM_EVENTS, None)
+            append_many(pending)
+
+        after_commit(session, send)
+    pending.append((job_id, kind, data))
 
 
 def stream_key(job_id: str) -> str:
@@ -65,11 +84,7 @@ def stream_key(job_id: str) -> str:
 
 def append(job_id: str, kind: str, data: dict[str, Any]) -> None:
     """Add one event to the job's Redis stream (its entry id is the SSE event id)."""
-    key = stream_key(job_id)
-    pipe = broker.get_redis().pipeline(transaction=False)
-    pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
-    pipe.expire(key, get_settings().event_stream_ttl)
-    pipe.execute()
+    append_many([(job_id, kind, data)])
 
 
 def _notify(session: Session, job: Job, kind: str) -> None:
@@ -82,13 +97,13 @@ def _notify(session: Session, job: Job, kind: str) -> None:
 
 
 def job_created(session: Session, job: Job) -> None:
-    job_id = job.id
-    after_commit(session, lambda: append(job_id, "queued", {"status": "queued"}))
+    _stream_after_commit(session, job.id, "queued", {"status": "queued"})
 
 
 def job_transitioned(session: Session, job_id: str, status: str) -> None:
-    """Called by shared.jobs.transition after it won a move, in the same transaction."""
-    job = session.get(Job, job_id, populate_existing=True)
+    """Called by shared.jobs.transition after it won a move, in the same transaction (whose UPDATE ...
+    RETURNING has just refreshed the job in the session)."""
+    job = session.get(Job, job_id)
     if job is None:
         return
     kind = EVENT_FOR_STATUS[status]
@@ -98,10 +113,35 @@ def job_transitioned(session: Session, job_id: str, status: str) -> None:
         data["attempt"] = job.attempts
     if job.error_code:
         data["error"] = {"code": job.error_code, "message": job.error_message or ""}
-    after_commit(session, lambda: append(job_id, kind, data))
+    _stream_after_commit(session, job_id, kind, data)
     if status == "succeeded" and job.started_at is not None and job.finished_at is not None:
         seconds, model = (job.finished_at - job.started_at).total_seconds(), job.model
         after_commit(session, lambda: record_run_seconds(model, seconds))
+
+
+def append_many(entries: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """`append` for several (job id, kind, data) events in one Redis round trip."""
+    ttl = get_settings().event_stream_ttl
+    pipe = broker.get_redis().pipeline(transaction=False)
+    for job_id, kind, data in entries:
+        key = stream_key(job_id)
+        pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.expire(key, ttl)
+    pipe.execute()
+
+
+def jobs_progressed(
+    session: Session, rows: list[tuple[str, str | None, list[str] | None]], step: int, total: int
+) -> None:
+    """`job_progressed` for a batch's progress UPDATE: `rows` are its RETURNING (id, webhook_url,
+    webhook_events), so no job is read again."""
+    for job_id, url, subscribed in rows:
+        if url and "progress" in (subscribed or ()):
+            job = session.get(Job, job_id, populate_existing=True)
+            if job is not None:
+                _notify(session, job, "progress")
+    for job_id, _, _ in rows:
+        _stream_after_commit(session, job_id, "progress", {"step": step, "total": total})
 
 
 def job_progressed(session: Session, job_id: str, step: int, total: int) -> None:
@@ -111,4 +151,4 @@ def job_progressed(session: Session, job_id: str, step: int, total: int) -> None
         job = session.get(Job, job_id, populate_existing=True)
         if job is not None:
             _notify(session, job, "progress")
-    after_commit(session, lambda: append(job_id, "progress", {"step": step, "total": total}))
+    _stream_after_commit(session, job_id, "progress", {"step": step, "total": total})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from shared import broker
@@ -22,17 +22,30 @@ from shared.tables import Job
 ETA_WEIGHT = 0.3
 
 
+# Built once: every read of a queued job runs it, and building the statement costs more CPU than running it.
+_AHEAD = (
+    select(func.count())
+    .select_from(Job)
+    .where(
+        Job.queue == bindparam("queue"),
+        Job.status == "queued",
+        or_(
+            Job.priority > bindparam("priority"),
+            and_(Job.priority == bindparam("priority"), Job.created_at < bindparam("created_at")),
+            and_(
+                Job.priority == bindparam("priority"),
+                Job.created_at == bindparam("created_at"),
+                Job.id < bindparam("id"),
+            ),
+        ),
+    )
+)
+
+
 def queue_position(session: Session, job: Job) -> int:
     """Queued jobs in the same queue that a worker takes before this one (priority desc, created_at, id)."""
-    ahead = or_(
-        Job.priority > job.priority,
-        and_(Job.priority == job.priority, Job.created_at < job.created_at),
-        and_(Job.priority == job.priority, Job.created_at == job.created_at, Job.id < job.id),
-    )
-    count = session.scalar(
-        select(func.count()).select_from(Job).where(Job.queue == job.queue, Job.status == "queued", ahead)
-    )
-    return int(count or 0)
+    params = {"queue": job.queue, "priority": job.priority, "created_at": job.created_at, "id": job.id}
+    return int(session.scalar(_AHEAD, params) or 0)
 
 
 def _eta_key(model: str) -> str:
