@@ -21,7 +21,7 @@ from api.generation import read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
 from shared import broker, idempotency, jobs
-from shared.db import session_scope
+from shared.db import read_scope, session_scope
 from shared.errors import InvalidRequest
 from shared.job_view import job_view
 from shared.policy import check_prompt, policy_for
@@ -43,7 +43,10 @@ def to_read(job: Job, session: Session | None = None) -> JobRead:
 
 
 def _read(job_id: str, tenant_id: str) -> JobRead:
-    with session_scope() as session:
+    # Reads only, on an autocommit connection: a poll is the hottest request there is, and BEGIN and COMMIT
+    # would be two of its round trips. The job and its queue position may come from two snapshots, which a
+    # view that is stale the moment it is sent can afford.
+    with read_scope() as session:
         return to_read(jobs.get_job(session, job_id, tenant_id), session)
 
 
