@@ -62,6 +62,7 @@ def run_job(job_id: str) -> str:
     """Run the best queued job of `job_id`'s queue, with compatible jobs gathered into the same call."""
     settings = get_settings()
     me = worker_id()
+
     # Claims are retried through a database outage: a token lost here would leave its job to the reconciler.
     # The token's queue is looked up in the claim's own transaction: one unit of work, not two, between a
     # message and its job starting.
