@@ -19,7 +19,7 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from shared import broker, webhooks
-from shared.job_view import record_run_seconds
+from shared.job_view import record_run_seconds_many
 from shared.settings import get_settings
 from shared.tables import Job
 
@@ -56,26 +56,34 @@ def _run_after_commit(session: Session) -> None:
 
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit(session: Session) -> None:
-    session.info.pop(_AFTER_COMMIT, None)
-    session.info.pop(_STREAM_EVENTS, None)
+    for key in (_AFTER_COMMIT, _STREAM_EVENTS, _RUN_SECONDS):
+        session.info.pop(key, None)
 
 
 _STREAM_EVENTS = "darkroom_stream_events"
+_RUN_SECONDS = "darkroom_run_seconds"
+
+
+def _collect_after_commit(session: Session, key: str, item: Any, flush: Callable[[list[Any]], None]) -> None:
+    """Collect `item` for `flush`, called once with everything collected when the transaction commits.
+
+    A batch's claims or results are eight transitions in one transaction: their stream events (and run
+    times) then go to Redis together, in one round trip, in the order they happened.
+    """
+    pending = session.info.get(key)
+    if pending is None:
+        pending = session.info[key] = []
+
+        def send() -> None:
+            session.info.pop(key, None)
+            flush(pending)
+
+        after_commit(session, send)
+    pending.append(item)
 
 
 def _stream_after_commit(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
-    """Add a stream event once the transaction commits. A transaction's events (a batch of eight claims or
-    results makes sixteen) go to Redis together, in one round trip, in the order they happened."""
-    pending = session.info.get(_STREAM_EVENTS)
-    if pending is None:
-        pending = session.info[_STREAM_EVENTS] = []
-
-        def send() -> None:
-            session.info.pop(_STREAM_EVENTS, None)
-            append_many(pending)
-
-        after_commit(session, send)
-    pending.append((job_id, kind, data))
+    _collect_after_commit(session, _STREAM_EVENTS, (job_id, kind, data), append_many)
 
 
 def stream_key(job_id: str) -> str:
@@ -115,8 +123,8 @@ def job_transitioned(session: Session, job_id: str, status: str) -> None:
         data["error"] = {"code": job.error_code, "message": job.error_message or ""}
     _stream_after_commit(session, job_id, kind, data)
     if status == "succeeded" and job.started_at is not None and job.finished_at is not None:
-        seconds, model = (job.finished_at - job.started_at).total_seconds(), job.model
-        after_commit(session, lambda: record_run_seconds(model, seconds))
+        seconds = (job.finished_at - job.started_at).total_seconds()
+        _collect_after_commit(session, _RUN_SECONDS, (job.model, seconds), record_run_seconds_many)
 
 
 def append_many(entries: list[tuple[str, str, dict[str, Any]]]) -> None:

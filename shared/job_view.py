@@ -54,11 +54,24 @@ def _eta_key(model: str) -> str:
 
 def record_run_seconds(model: str, seconds: float) -> None:
     """Fold one measured run time into the model's average. Lost updates under races are harmless."""
+    record_run_seconds_many([(model, seconds)])
+
+
+def record_run_seconds_many(runs: list[tuple[str, float]]) -> None:
+    """`record_run_seconds` for (model, seconds) runs in order, e.g. a batch's: one read, one write."""
+    models = list(dict.fromkeys(model for model, _ in runs))
     client = broker.get_redis()
-    key = _eta_key(model)
-    previous = client.get(key)
-    value = seconds if previous is None else ETA_WEIGHT * seconds + (1 - ETA_WEIGHT) * float(previous)
-    client.set(key, f"{value:.3f}", ex=7 * 24 * 3600)
+    stored = client.mget([_eta_key(m) for m in models])
+    averages: dict[str, float | None] = {
+        m: float(v) if v is not None else None for m, v in zip(models, stored, strict=True)
+    }
+    for model, seconds in runs:
+        previous = averages[model]
+        averages[model] = seconds if previous is None else ETA_WEIGHT * seconds + (1 - ETA_WEIGHT) * previous
+    pipe = client.pipeline(transaction=False)
+    for model, average in averages.items():
+        pipe.set(_eta_key(model), f"{average:.3f}", ex=7 * 24 * 3600)
+    pipe.execute()
 
 
 def average_run_seconds(model: str) -> float | None:
