@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     db_connect_timeout: int = Field(
         3, ge=1, description="Seconds to wait for a new PostgreSQL connection before answering 503 (API) or retrying."
     )
+    api_threads: int = Field(
+        8,
+        ge=1,
+        description="Threads of each API process for blocking work (database, Redis, fetching input images). "
+        "More threads than cores contend for Python's GIL; raise it if many jobs fetch slow image URLs.",
+    )
     db_pool_size: int = Field(
         20,
         ge=1,
