@@ -38,6 +38,9 @@ TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
 STREAM_MAXLEN = 2000
 
 _AFTER_COMMIT = "darkroom_after_commit"
+# What a transaction collects for after its commit: stream events, and run times of jobs that succeeded.
+_STREAM_EVENTS = "darkroom_stream_events"
+_RUN_SECONDS = "darkroom_run_seconds"
 
 
 def after_commit(session: Session, action: Callable[[], None]) -> None:
@@ -58,10 +61,6 @@ def _run_after_commit(session: Session) -> None:
 def _drop_after_commit(session: Session) -> None:
     for key in (_AFTER_COMMIT, _STREAM_EVENTS, _RUN_SECONDS):
         session.info.pop(key, None)
-
-
-_STREAM_EVENTS = "darkroom_stream_events"
-_RUN_SECONDS = "darkroom_run_seconds"
 
 
 def _collect_after_commit(session: Session, key: str, item: Any, flush: Callable[[list[Any]], None]) -> None:
