@@ -9,9 +9,9 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from shared import limits, logs
-from shared.db import session_scope
+from shared.db import read_scope, session_scope
 from shared.errors import Forbidden, Unauthorized
-from shared.tenants import authenticate, is_admin
+from shared.tenants import authenticate, is_admin, tenant_name
 
 # Our keys are about 50 characters; anything much longer is not one, and is refused before any lookup.
 MAX_KEY_LENGTH = 256
@@ -36,7 +36,7 @@ def authenticate_request(request: Request) -> str:
     # The key is never echoed, in a message or a log: "invalid" says all the client needs.
     tenant_id = None
     if len(key) <= MAX_KEY_LENGTH:
-        with session_scope() as session:
+        with read_scope() as session:
             tenant_id = authenticate(session, key.strip())
     if tenant_id is None:
         raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
@@ -48,7 +48,7 @@ def authenticate_request(request: Request) -> str:
 def get_tenant(request: Request) -> str:
     """The authenticated tenant, with this request counted against its rate limit (429 past it)."""
     tenant_id = authenticate_request(request)
-    limits.check_rate(tenant_id, limits.limits_for(limits.tenant_name(tenant_id)))
+    limits.check_rate(tenant_id, limits.limits_for(tenant_name(tenant_id)))
     return tenant_id
 
 

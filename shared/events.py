@@ -19,7 +19,7 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from shared import batch_events, broker, webhooks
-from shared.job_view import record_run_seconds
+from shared.job_view import record_run_seconds_many
 from shared.settings import get_settings
 from shared.tables import Job
 
@@ -40,6 +40,9 @@ ENDED_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 STREAM_MAXLEN = 2000
 
 _AFTER_COMMIT = "darkroom_after_commit"
+# What a transaction collects for after its commit: stream events, and run times of jobs that succeeded.
+_STREAM_EVENTS = "darkroom_stream_events"
+_RUN_SECONDS = "darkroom_run_seconds"
 
 
 def after_commit(session: Session, action: Callable[[], None]) -> None:
@@ -58,7 +61,30 @@ def _run_after_commit(session: Session) -> None:
 
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit(session: Session) -> None:
-    session.info.pop(_AFTER_COMMIT, None)
+    for key in (_AFTER_COMMIT, _STREAM_EVENTS, _RUN_SECONDS):
+        session.info.pop(key, None)
+
+
+def _collect_after_commit(session: Session, key: str, item: Any, flush: Callable[[list[Any]], None]) -> None:
+    """Collect `item` for `flush`, called once with everything collected when the transaction commits.
+
+    A batch's claims or results are eight transitions in one transaction: their stream events (and run
+    times) then go to Redis together, in one round trip, in the order they happened.
+    """
+    pending = session.info.get(key)
+    if pending is None:
+        pending = session.info[key] = []
+
+        def send() -> None:
+            session.info.pop(key, None)
+            flush(pending)
+
+        after_commit(session, send)
+    pending.append(item)
+
+
+def _stream_after_commit(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    _collect_after_commit(session, _STREAM_EVENTS, (job_id, kind, data), append_many)
 
 
 def stream_key(job_id: str) -> str:
@@ -67,11 +93,7 @@ def stream_key(job_id: str) -> str:
 
 def append(job_id: str, kind: str, data: dict[str, Any]) -> None:
     """Add one event to the job's Redis stream (its entry id is the SSE event id)."""
-    key = stream_key(job_id)
-    pipe = broker.get_redis().pipeline(transaction=False)
-    pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
-    pipe.expire(key, get_settings().event_stream_ttl)
-    pipe.execute()
+    append_many([(job_id, kind, data)])
 
 
 def _notify(session: Session, job: Job, kind: str) -> None:
@@ -84,13 +106,13 @@ def _notify(session: Session, job: Job, kind: str) -> None:
 
 
 def job_created(session: Session, job: Job) -> None:
-    job_id = job.id
-    after_commit(session, lambda: append(job_id, "queued", {"status": "queued"}))
+    _stream_after_commit(session, job.id, "queued", {"status": "queued"})
 
 
 def job_transitioned(session: Session, job_id: str, status: str) -> None:
-    """Called by shared.jobs.transition after it won a move, in the same transaction."""
-    job = session.get(Job, job_id, populate_existing=True)
+    """Called by shared.jobs.transition after it won a move, in the same transaction (whose UPDATE ...
+    RETURNING has just refreshed the job in the session)."""
+    job = session.get(Job, job_id)
     if job is None:
         return
     kind = EVENT_FOR_STATUS[status]
@@ -105,10 +127,46 @@ def job_transitioned(session: Session, job_id: str, status: str) -> None:
         data["attempt"] = job.attempts
     if job.error_code:
         data["error"] = {"code": job.error_code, "message": job.error_message or ""}
-    after_commit(session, lambda: append(job_id, kind, data))
+    _stream_after_commit(session, job_id, kind, data)
     if status == "succeeded" and job.started_at is not None and job.finished_at is not None:
-        seconds, model = (job.finished_at - job.started_at).total_seconds(), job.model
-        after_commit(session, lambda: record_run_seconds(model, seconds))
+        seconds = (job.finished_at - job.started_at).total_seconds()
+        _collect_after_commit(session, _RUN_SECONDS, (job.model, seconds), record_run_seconds_many)
+
+
+def append_many(entries: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """`append` for several (job id, kind, data) events in one Redis round trip."""
+    ttl = get_settings().event_stream_ttl
+    pipe = broker.get_redis().pipeline(transaction=False)
+    for job_id, kind, data in entries:
+        key = stream_key(job_id)
+        pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.expire(key, ttl)
+    pipe.execute()
+
+
+def _progress_data(step: int, total: int, preview: str | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"step": step, "total": total}
+    if preview is not None:
+        data["preview"] = preview  # for the live stream only: webhooks and the database never carry it
+    return data
+
+
+def jobs_progressed(
+    session: Session,
+    rows: list[tuple[str, str | None, list[str] | None]],
+    step: int,
+    total: int,
+    previews: dict[str, str] | None = None,
+) -> None:
+    """`job_progressed` for a batch's progress UPDATE: `rows` are its RETURNING (id, webhook_url,
+    webhook_events), so no job is read again."""
+    for job_id, url, subscribed in rows:
+        if url and "progress" in (subscribed or ()):
+            job = session.get(Job, job_id, populate_existing=True)
+            if job is not None:
+                _notify(session, job, "progress")
+    for job_id, _, _ in rows:
+        _stream_after_commit(session, job_id, "progress", _progress_data(step, total, (previews or {}).get(job_id)))
 
 
 def job_progressed(session: Session, job_id: str, step: int, total: int, preview: str | None = None) -> None:
@@ -118,7 +176,4 @@ def job_progressed(session: Session, job_id: str, step: int, total: int, preview
         job = session.get(Job, job_id, populate_existing=True)
         if job is not None:
             _notify(session, job, "progress")
-    data: dict[str, Any] = {"step": step, "total": total}
-    if preview is not None:
-        data["preview"] = preview
-    after_commit(session, lambda: append(job_id, "progress", data))
+    _stream_after_commit(session, job_id, "progress", _progress_data(step, total, preview))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from shared import broker
@@ -24,17 +24,30 @@ PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 ETA_WEIGHT = 0.3
 
 
+# Built once: every read of a queued job runs it, and building the statement costs more CPU than running it.
+_AHEAD = (
+    select(func.count())
+    .select_from(Job)
+    .where(
+        Job.queue == bindparam("queue"),
+        Job.status == "queued",
+        or_(
+            Job.priority > bindparam("priority"),
+            and_(Job.priority == bindparam("priority"), Job.created_at < bindparam("created_at")),
+            and_(
+                Job.priority == bindparam("priority"),
+                Job.created_at == bindparam("created_at"),
+                Job.id < bindparam("id"),
+            ),
+        ),
+    )
+)
+
+
 def queue_position(session: Session, job: Job) -> int:
     """Queued jobs in the same queue that a worker takes before this one (priority desc, created_at, id)."""
-    ahead = or_(
-        Job.priority > job.priority,
-        and_(Job.priority == job.priority, Job.created_at < job.created_at),
-        and_(Job.priority == job.priority, Job.created_at == job.created_at, Job.id < job.id),
-    )
-    count = session.scalar(
-        select(func.count()).select_from(Job).where(Job.queue == job.queue, Job.status == "queued", ahead)
-    )
-    return int(count or 0)
+    params = {"queue": job.queue, "priority": job.priority, "created_at": job.created_at, "id": job.id}
+    return int(session.scalar(_AHEAD, params) or 0)
 
 
 def _eta_key(model: str) -> str:
@@ -43,11 +56,24 @@ def _eta_key(model: str) -> str:
 
 def record_run_seconds(model: str, seconds: float) -> None:
     """Fold one measured run time into the model's average. Lost updates under races are harmless."""
+    record_run_seconds_many([(model, seconds)])
+
+
+def record_run_seconds_many(runs: list[tuple[str, float]]) -> None:
+    """`record_run_seconds` for (model, seconds) runs in order, e.g. a batch's: one read, one write."""
+    models = list(dict.fromkeys(model for model, _ in runs))
     client = broker.get_redis()
-    key = _eta_key(model)
-    previous = client.get(key)
-    value = seconds if previous is None else ETA_WEIGHT * seconds + (1 - ETA_WEIGHT) * float(previous)
-    client.set(key, f"{value:.3f}", ex=7 * 24 * 3600)
+    stored = client.mget([_eta_key(m) for m in models])
+    averages: dict[str, float | None] = {
+        m: float(v) if v is not None else None for m, v in zip(models, stored, strict=True)
+    }
+    for model, seconds in runs:
+        previous = averages[model]
+        averages[model] = seconds if previous is None else ETA_WEIGHT * seconds + (1 - ETA_WEIGHT) * previous
+    pipe = client.pipeline(transaction=False)
+    for model, average in averages.items():
+        pipe.set(_eta_key(model), f"{average:.3f}", ex=7 * 24 * 3600)
+    pipe.execute()
 
 
 def average_run_seconds(model: str) -> float | None:

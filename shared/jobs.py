@@ -52,13 +52,16 @@ def transition(
         if to not in TRANSITIONS[source]:
             raise IllegalTransition(f"job status cannot go from {source!r} to {to!r}")
     now = utcnow()
+    # RETURNING the row refreshes the session's copy of the job in the same round trip, so the event
+    # code below reads the new state without a SELECT of its own.
     stmt = (
         update(Job)
         .where(Job.id == job_id, Job.status.in_(sorted(sources)), *where)
         .values(status=to, updated_at=now, **(values or {}))
-        .execution_options(synchronize_session=False)
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    won = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    won = session.execute(stmt).scalar_one_or_none() is not None
     if won:
         # Webhook outbox rows join this transaction; stream events and task sends wait for its commit.
         events.job_transitioned(session, job_id, to)
@@ -185,13 +188,12 @@ def record_progress_many(
         update(Job)
         .where(Job.status == RUNNING, owned)
         .values(progress_step=step, progress_total=total)
-        .returning(Job.id)
+        .returning(Job.id, Job.webhook_url, Job.webhook_events)
         .execution_options(synchronize_session=False)
     )
-    ours = set(session.scalars(stmt).all())
-    for job_id in ours:
-        events.job_progressed(session, job_id, step, total, preview=(previews or {}).get(job_id))
-    return ours
+    rows = [(r[0], r[1], r[2]) for r in session.execute(stmt)]
+    events.jobs_progressed(session, rows, step, total, previews)
+    return {job_id for job_id, _, _ in rows}
 
 
 def succeed_job(session: Session, job_id: str, *, attempt: int, outputs: list[dict[str, Any]]) -> bool:

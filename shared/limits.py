@@ -29,7 +29,6 @@ import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
 import redis
@@ -37,7 +36,6 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from shared import broker, metrics
-from shared.db import session_scope
 from shared.errors import InvalidRequest, ServiceUnavailable, TooManyRequests
 from shared.settings import get_settings
 from shared.tables import Job, Tenant
@@ -99,13 +97,6 @@ def check_tenant_file() -> None:
     the tenant and the key, rather than failing that tenant's every request."""
     for name in tenant_names():
         limits_for(name)
-
-
-@lru_cache(maxsize=10_000)
-def tenant_name(tenant_id: str) -> str:
-    # Tenants are never renamed and ids are never reused, so a process may remember names for good.
-    with session_scope() as session:
-        return session.get_one(Tenant, tenant_id).name
 
 
 def refuse(limit: str, code: str, message: str, retry_after: float) -> TooManyRequests:

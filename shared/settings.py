@@ -123,6 +123,18 @@ class Settings(BaseSettings):
     db_connect_timeout: int = Field(
         3, ge=1, description="Seconds to wait for a new PostgreSQL connection before answering 503 (API) or retrying."
     )
+    api_threads: int = Field(
+        8,
+        ge=1,
+        description="Threads of each API process for blocking work (database, Redis, fetching input images). "
+        "More threads than cores contend for Python's GIL; raise it if many jobs fetch slow image URLs.",
+    )
+    db_pool_size: int = Field(
+        20,
+        ge=1,
+        description="Database connections each process keeps open; up to 10 more are opened, and closed again, "
+        "at peaks. Reopening a connection per request is slow, so this should cover a process's usual concurrency.",
+    )
     db_pool_timeout: float = Field(
         3.0, gt=0, description="Seconds a request waits for a free pooled database connection before a 503."
     )

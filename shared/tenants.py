@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
+from shared.db import read_scope
 from shared.tables import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "dr_"
@@ -37,9 +38,26 @@ def create_key(session: Session, tenant_name: str, *, admin: bool = False) -> st
     return key
 
 
+# Built once: every request runs it, and building the statement costs more than running it.
+_LIVE_KEY = select(ApiKey.tenant_id).where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+
+
 def authenticate(session: Session, key: str) -> str | None:
     """The tenant id owning this live key, or None."""
-    return session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+    return session.scalar(_LIVE_KEY, {"key_hash": hash_key(key)})
+
+
+# Tenant names never change once created (there is no rename), so each process keeps the few it has
+# looked up rather than reading the same row on every submit.
+_names: dict[str, str] = {}
+
+
+def tenant_name(tenant_id: str) -> str:
+    name = _names.get(tenant_id)
+    if name is None:
+        with read_scope() as session:
+            name = _names[tenant_id] = session.get_one(Tenant, tenant_id).name
+    return name
 
 
 def is_admin(session: Session, tenant_id: str) -> bool:

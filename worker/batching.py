@@ -89,7 +89,9 @@ class StepHook:
         self.members = members
         self.interval = interval
         self.dropped = dropped if dropped is not None else set()
-        self.last_write = 0.0
+        # The claim that set the jobs running counts as their first write: a call shorter than the interval
+        # writes its progress once, at its last step, not also at its first.
+        self.last_write = time.monotonic()
         self.preview_every = preview_every
         self.latents: tuple[int, torch.Tensor, Factors] | None = None
         self.last_preview = 0

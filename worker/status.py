@@ -19,11 +19,12 @@ from collections import Counter
 from typing import Any
 
 import torch
+from sqlalchemy import select
 
 from shared import metrics, workers
 from shared.db import session_scope
-from shared.jobs import get_job
 from shared.settings import get_settings
+from shared.tables import Job
 
 log = logging.getLogger("darkroom.worker")
 
@@ -95,27 +96,35 @@ def job_ended(job_id: str, outcome: str | None) -> None:
 
 def record_outcomes(outcomes: dict[str, str]) -> None:
     """Count each job a task ran (a batch runs several) and record the metrics of those that ended."""
+    ended = []
     for job_id, outcome in outcomes.items():
         state.outcomes[outcome] += 1
         if outcome in ("succeeded", "failed"):
-            try:
-                _record_metrics(job_id)
-            except Exception as exc:
-                log.debug("metrics of job %s not recorded: %s", job_id, type(exc).__name__)
+            ended.append(job_id)
+    if ended:
+        try:
+            _record_metrics(ended)
+        except Exception as exc:
+            log.debug("metrics of jobs %s not recorded: %s", ", ".join(ended), type(exc).__name__)
 
 
-def _record_metrics(job_id: str) -> None:
+def _record_metrics(job_ids: list[str]) -> None:
+    # One read and one Redis round trip for the whole batch: per job, they were the last thing standing
+    # between a finished batch and the worker taking its next message.
     with session_scope() as session:
-        job = get_job(session, job_id)
-    if job.started_at is None or job.finished_at is None:
-        return
-    model = {"model": job.model}
-    metrics.observe("job_queued_seconds", model, (job.started_at - job.created_at).total_seconds())
-    metrics.observe(
-        "job_running_seconds", {**model, "status": job.status}, (job.finished_at - job.started_at).total_seconds()
-    )
-    if job.outputs:
-        metrics.count("images_total", model, len(job.outputs))
+        jobs = session.scalars(select(Job).where(Job.id.in_(job_ids))).all()
+    observations: list[tuple[str, dict[str, str], float]] = []
+    counts: list[tuple[str, dict[str, str], float]] = []
+    for job in jobs:
+        if job.started_at is None or job.finished_at is None:
+            continue
+        model = {"model": job.model}
+        observations.append(("job_queued_seconds", model, (job.started_at - job.created_at).total_seconds()))
+        running = (job.finished_at - job.started_at).total_seconds()
+        observations.append(("job_running_seconds", {**model, "status": job.status}, running))
+        if job.outputs:
+            counts.append(("images_total", model, len(job.outputs)))
+    metrics.record(observations, counts)
 
 
 def stop_requested() -> bool:

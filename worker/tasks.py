@@ -62,15 +62,15 @@ def run_job(job_id: str) -> str:
     """Run the best queued job of `job_id`'s queue, with compatible jobs gathered into the same call."""
     settings = get_settings()
     me = worker_id()
+
     # Claims are retried through a database outage: a token lost here would leave its job to the reconciler.
-    queue = retry_unit_of_work(lambda s: queue_of(s, job_id), seconds=settings.db_retry_seconds, what="queue lookup")
-    if queue is None:
-        return "skipped"
-    claimed = retry_unit_of_work(
-        lambda s: claim_jobs(s, queue, worker_id=me, lease_seconds=settings.lease_seconds),
-        seconds=settings.db_retry_seconds,
-        what=f"claim in {queue}",
-    )
+    # The token's queue is looked up in the claim's own transaction: one unit of work, not two, between a
+    # message and its job starting.
+    def claim(session: Any) -> list[Job]:
+        queue = queue_of(session, job_id)
+        return claim_jobs(session, queue, worker_id=me, lease_seconds=settings.lease_seconds) if queue else []
+
+    claimed = retry_unit_of_work(claim, seconds=settings.db_retry_seconds, what=f"claim for token {job_id}")
     if not claimed:
         return "skipped"  # nothing queued: this token's job ran with an earlier one, or was canceled
     leader = claimed[0]

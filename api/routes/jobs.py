@@ -22,7 +22,7 @@ from api.generation import Inputs, read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
 from shared import broker, idempotency, jobs, limits, retention
-from shared.db import session_scope
+from shared.db import read_scope, session_scope
 from shared.errors import InvalidRequest
 from shared.job_view import job_view
 from shared.policy import check_prompt, policy_for
@@ -31,6 +31,7 @@ from shared.scheduling import batch_key
 from shared.settings import get_settings
 from shared.storage import get_storage
 from shared.tables import Job, new_id
+from shared.tenants import tenant_name
 from shared.webhooks import validate_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -43,7 +44,10 @@ def to_read(job: Job, session: Session | None = None) -> JobRead:
 
 
 def _read(job_id: str, tenant_id: str) -> JobRead:
-    with session_scope() as session:
+    # Reads only, on an autocommit connection: a poll is the hottest request there is, and BEGIN and COMMIT
+    # would be two of its round trips. The job and its queue position may come from two snapshots, which a
+    # view that is stale the moment it is sent can afford.
+    with read_scope() as session:
         return to_read(jobs.get_job(session, job_id, tenant_id), session)
 
 
@@ -63,11 +67,11 @@ def prepare_job(body: JobCreate, tenant_id: str) -> PreparedJob:
     settings = get_settings()
     # Cheap refusals first: the content policy, then input images (fetched and decoded here, so a bad
     # image is a 422 now rather than a failed job later), then the model's limits.
-    tenant_name = limits.tenant_name(tenant_id)
-    tenant_limits = limits.limits_for(tenant_name)
+    name = tenant_name(tenant_id)
+    tenant_limits = limits.limits_for(name)
     limits.check_priority(body.priority, tenant_limits)
-    policy = policy_for(tenant_name)
-    check_prompt(policy, tenant_name, {"prompt": body.prompt, "negative_prompt": body.negative_prompt})
+    policy = policy_for(name)
+    check_prompt(policy, name, {"prompt": body.prompt, "negative_prompt": body.negative_prompt})
     inputs = read_inputs(body.image, body.mask, tenant_id)
     spec, request = body.normalise(get_registry(), settings.default_model, input_size=inputs.size)
     request["nsfw"] = policy.nsfw

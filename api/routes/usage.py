@@ -10,6 +10,7 @@ from api.deps import SessionDep, UnmeteredTenantDep
 from api.errors import responses
 from api.schemas import LimitRead, UsageRead
 from shared import limits
+from shared.tenants import tenant_name
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 
@@ -17,7 +18,7 @@ router = APIRouter(prefix="/v1/usage", tags=["usage"])
 @router.get("", response_model=UsageRead, responses=responses(401))
 def get_usage(session: SessionDep, tenant_id: UnmeteredTenantDep) -> UsageRead:
     """Your limits and what you have used of each; this call itself never counts against them."""
-    name = limits.tenant_name(tenant_id)
+    name = tenant_name(tenant_id)
     tenant_limits = limits.limits_for(name)
     entries = limits.usage(session, tenant_id, tenant_limits)
     return UsageRead(
