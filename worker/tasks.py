@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery
@@ -24,7 +25,7 @@ from shared.jobs import fail_job, hand_back, succeed_job
 from shared.registry import get_registry
 from shared.scheduling import claim_jobs, held_back_queues, queue_of
 from shared.settings import Settings, get_settings
-from shared.storage import Storage, StorageUnavailable, get_storage, put_with_retry
+from shared.storage import S3Storage, Storage, StorageUnavailable, get_storage, put_with_retry
 from shared.tables import Job
 from worker import failures, status
 from worker.batching import Member, StepHook, gather, run_batch
@@ -40,6 +41,8 @@ __all__ = ["StepHook", "pipeline_cache", "register", "run_job"]
 log = logging.getLogger("darkroom.worker")
 
 _cache: PipelineCache | None = None
+# Jobs of one batch stored at once (encoding and upload) on S3.
+STORE_THREADS = 4
 
 
 def pipeline_cache() -> PipelineCache:
@@ -213,26 +216,37 @@ def record_successes(
     storage = RetryingStorage(get_storage(), settings.storage_retry_seconds)
     outputs: dict[str, list[dict[str, Any]]] = {}
     uploaded: list[Member] = []
+    passed: list[tuple[Member, list[Any], list[bool]]] = []
     for member, images in done:
-        request = member.request
         try:
             nsfw = nsfw_flags(base, images)
         except Exception as exc:
             log.exception("job %s: safety check failed", member.job_id)
             fail([member], *failures.describe(exc))
             continue
-        if any(nsfw) and request.get("nsfw", "withhold") == "withhold":
+        if any(nsfw) and member.request.get("nsfw", "withhold") == "withhold":
             fail([member], "content_policy", "the model's safety checker flagged the output, so it was withheld")
             continue
-        try:
-            outputs[member.job_id] = store_outputs(
-                storage, member.job_id, request, images, nsfw, sampler=sampler_name(pipe, request)
-            )
-        except StorageUnavailable as exc:
-            # Nothing is listed for this job: its outputs appear only with the `succeeded` UPDATE.
-            fail([member], "storage_unavailable", str(exc))
-            continue
-        uploaded.append(member)
+        passed.append((member, images, nsfw))
+
+    def store(member: Member, images: list[Any], nsfw: list[bool]) -> list[dict[str, Any]]:
+        request = member.request
+        return store_outputs(storage, member.job_id, request, images, nsfw, sampler=sampler_name(pipe, request))
+
+    # Uploads to S3 wait on the network, so a batch's jobs are stored side by side there, in about the time of
+    # the slowest. Local disk is not worth it: threads encoding at once only fight over the GIL (bench.e2e
+    # measured 0.53 of direct serially, 0.44 with four threads).
+    threads = STORE_THREADS if isinstance(storage.storage, S3Storage) else 1
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(passed)))) as pool:
+        stored = [(member, pool.submit(store, member, images, nsfw)) for member, images, nsfw in passed]
+        for member, future in stored:
+            try:
+                outputs[member.job_id] = future.result()
+            except StorageUnavailable as exc:
+                # Nothing is listed for this job: its outputs appear only with the `succeeded` UPDATE.
+                fail([member], "storage_unavailable", str(exc))
+                continue
+            uploaded.append(member)
 
     def write(session: Any) -> dict[str, str]:
         return {
