@@ -305,6 +305,19 @@ class ModelList(BaseModel):
 
 
 class UploadRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "key": "uploads/3f1c2a9d0b7e4c55a1e2f3d4c5b6a798/9b1e4d2c7a6f4e3d8c5b2a1f0e9d8c7b.png",
+                    "width": 768,
+                    "height": 512,
+                    "expires_at": "2026-01-02T12:00:00Z",
+                }
+            ]
+        }
+    )
+
     key: str = Field(description="Pass as `image` or `mask` of a job (yours only).")
     width: int
     height: int
