@@ -142,12 +142,21 @@ def test_gpu_out_of_memory_fails_the_job_and_the_worker_keeps_serving(make_clust
 
     # The worker reports itself (status in Redis), and /metrics counts what it did.
     admin = cluster.make_key("ops", admin=True)
+    # Reports are periodic (DARKROOM_WORKER_STATUS_INTERVAL): wait for one sent after the jobs ended.
     listed = wait_for(
-        lambda: httpx.get(f"{cluster.url}/v1/admin/workers", headers=admin, timeout=10).json()["data"],
+        lambda: [
+            w
+            for w in httpx.get(f"{cluster.url}/v1/admin/workers", headers=admin, timeout=10).json()["data"]
+            if w["jobs"].get("succeeded") == 3
+        ],
         timeout=10,
-        what="worker status report",
+        what="worker status report of the three jobs",
     )
-    assert listed[0]["loaded_models"] == ["tiny-sd"] and listed[0]["jobs"]["succeeded"] == 3
-    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    assert listed[0]["loaded_models"] == ["tiny-sd"]
+    images = 'darkroom_images_total{model="tiny-sd"} 3.0'
+    text = wait_for(
+        lambda: images in (page := httpx.get(f"{cluster.url}/metrics", timeout=10).text) and page,
+        timeout=10,
+        what="the images metric",
+    )
     assert 'darkroom_jobs_finished_total{code="out_of_memory",model="tiny-sd",status="failed"} 1.0' in text
-    assert 'darkroom_images_total{model="tiny-sd"} 3.0' in text
