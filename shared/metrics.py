@@ -27,8 +27,8 @@ COUNTERS: dict[str, str] = {
     "images_total": "Images generated and stored, by model (rate() gives images per second).",
     "rate_limit_refusals_total": "Requests refused with 429 by a per-tenant limit, by limit (requests, queued_jobs, "
     "images).",
-    "webhook_deliveries_total": "Webhook deliveries by outcome (filled by the webhooks feature: delivered, "
-    "failed, gave_up).",
+    "webhook_deliveries_total": "Webhook delivery attempts by outcome: delivered, retrying, failed (attempts "
+    "spent) or gone (410: endpoint disabled).",
 }
 HISTOGRAMS: dict[str, str] = {
     "job_queued_seconds": "Time from submission to a worker starting the job (last attempt), by model.",

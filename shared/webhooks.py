@@ -26,7 +26,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared import broker
+from shared import broker, metrics
 from shared.db import session_scope
 from shared.errors import InvalidRequest
 from shared.job_view import job_view
@@ -242,11 +242,12 @@ def deliver(delivery_id: str) -> str:
             "last_error": outcome.error,
             "locked_until": None,
         }
+        gone = False
         if outcome.ok:
             result = DELIVERED
             values.update(status=DELIVERED, delivered_at=utcnow(), next_attempt_at=None)
         elif outcome.status_code == 410:
-            result = FAILED
+            result, gone = FAILED, True
             values.update(status=FAILED, next_attempt_at=None)
             _disable_endpoint(session, delivery.tenant_id, delivery.url, exclude=delivery.id)
         elif delivery.attempts >= get_settings().webhook_max_attempts:
@@ -270,6 +271,8 @@ def deliver(delivery_id: str) -> str:
         except Exception as exc:  # the reconciler re-sends due deliveries
             log.warning("scheduling retry of %s failed: %s", delivery.id, type(exc).__name__)
     log.info("webhook %s (%s) attempt %d: %s", delivery.id, delivery.event, delivery.attempts, result)
+    # One count per attempt: delivered, retrying, failed (attempts spent) or gone (410, endpoint disabled).
+    metrics.count("webhook_deliveries_total", {"outcome": "gone" if gone else result})
     return result
 
 

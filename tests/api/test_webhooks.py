@@ -82,6 +82,9 @@ def test_a_delivery_survives_failure_stall_and_redirect_and_is_signed(
     assert [a["status_code"] for a in log] == [503, None, 302, 200]
     assert "timed out" in log[1]["error"] and "redirect" in log[2]["error"] and log[3]["error"] is None
     assert all(a["latency_ms"] is not None for a in log)
+    metrics = api.get("/metrics").text
+    assert 'darkroom_webhook_deliveries_total{outcome="retrying"} 3.0' in metrics
+    assert 'darkroom_webhook_deliveries_total{outcome="delivered"} 1.0' in metrics
 
 
 def test_a_delivery_that_never_succeeds_is_marked_failed(api: TestClient, auth: dict[str, str], hooks: None) -> None:
@@ -92,6 +95,7 @@ def test_a_delivery_that_never_succeeds_is_marked_failed(api: TestClient, auth: 
     assert len(receiver.received) == 4
     [delivery] = api.get(f"/v1/jobs/{job['id']}/webhooks", headers=auth).json()["data"]
     assert delivery["status"] == "failed" and delivery["attempts"] == 4 and delivery["last_status_code"] == 500
+    assert 'darkroom_webhook_deliveries_total{outcome="failed"} 1.0' in api.get("/metrics").text
 
 
 def test_410_gone_disables_the_url_until_a_manual_retry(api: TestClient, auth: dict[str, str], hooks: None) -> None:
@@ -109,6 +113,7 @@ def test_410_gone_disables_the_url_until_a_manual_retry(api: TestClient, auth: d
         [skipped] = api.get(f"/v1/jobs/{second['id']}/webhooks", headers=auth).json()["data"]
         assert (gone["status"], gone["last_status_code"], gone["attempts"]) == ("failed", 410, 1)
         assert skipped["status"] == "failed" and "410" in skipped["last_error"] and skipped["attempt_log"] == []
+        assert 'darkroom_webhook_deliveries_total{outcome="gone"} 1.0' in api.get("/metrics").text
 
         # The receiver is back: a manual retry re-enables the URL and sends the same message again.
         retried = api.post(f"/v1/webhooks/{skipped['id']}/retry", headers=auth)
