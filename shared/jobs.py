@@ -47,24 +47,40 @@ def transition(
     values: dict[str, Any] | None = None,
 ) -> bool:
     """Move `job_id` from one of `from_` to `to`; return whether this caller won the move."""
+    return job_id in transition_many(session, [job_id], from_=from_, to=to, where=where, values=values)
+
+
+def transition_many(
+    session: Session,
+    job_ids: Sequence[str],
+    *,
+    from_: Iterable[str],
+    to: str,
+    where: Sequence[Any] = (),
+    values: dict[str, Any] | None = None,
+) -> set[str]:
+    """`transition` for several jobs in one UPDATE (a batch's claim); returns the ids whose move this won."""
     sources = frozenset(from_)
     for source in sources:
         if to not in TRANSITIONS[source]:
             raise IllegalTransition(f"job status cannot go from {source!r} to {to!r}")
+    if not job_ids:
+        return set()
     now = utcnow()
-    # RETURNING the row refreshes the session's copy of the job in the same round trip, so the event
+    # RETURNING the rows refreshes the session's copies of the jobs in the same round trip, so the event
     # code below reads the new state without a SELECT of its own.
     stmt = (
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(sorted(sources)), *where)
+        .where(Job.id.in_(job_ids), Job.status.in_(sorted(sources)), *where)
         .values(status=to, updated_at=now, **(values or {}))
         .returning(Job)
         .execution_options(synchronize_session=False, populate_existing=True)
     )
-    won = session.execute(stmt).scalar_one_or_none() is not None
-    if won:
-        # Webhook outbox rows join this transaction; stream events and task sends wait for its commit.
-        events.job_transitioned(session, job_id, to)
+    won = {job.id for job in session.execute(stmt).scalars()}
+    for job_id in job_ids:
+        if job_id in won:
+            # Webhook outbox rows join this transaction; stream events and task sends wait for its commit.
+            events.job_transitioned(session, job_id, to)
     return won
 
 
@@ -118,10 +134,15 @@ def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job:
 
 def try_claim(session: Session, job_id: str, *, worker_id: str, lease_seconds: int) -> bool:
     """queued -> running for this worker, counting an attempt; False if someone else got there first."""
+    return job_id in try_claim_many(session, [job_id], worker_id=worker_id, lease_seconds=lease_seconds)
+
+
+def try_claim_many(session: Session, job_ids: Sequence[str], *, worker_id: str, lease_seconds: int) -> set[str]:
+    """`try_claim` for several jobs in one statement; returns those this worker got."""
     now = utcnow()
-    return transition(
+    return transition_many(
         session,
-        job_id,
+        job_ids,
         from_=[QUEUED],
         to=RUNNING,
         values={

@@ -51,7 +51,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared import limits
-from shared.jobs import QUEUED, RUNNING, TERMINAL, try_claim
+from shared.jobs import QUEUED, RUNNING, TERMINAL, try_claim_many
 from shared.tables import Job, utcnow
 
 # Everything that must be equal for two jobs to share one pipeline call. Prompts, negative prompts,
@@ -216,8 +216,11 @@ def claim_jobs(
                 .with_for_update(skip_locked=True)
             )
         )
+        # One UPDATE for all of them: a batch's claim costs one round trip, not one per job.
+        ids = [cand.id for cand in wanted if cand.id in locked]
+        won = try_claim_many(session, ids, worker_id=worker_id, lease_seconds=lease_seconds)
         for cand in wanted:
-            if cand.id in locked and try_claim(session, cand.id, worker_id=worker_id, lease_seconds=lease_seconds):
+            if cand.id in won:
                 claimed.append(cand.id)
                 images += cand.images
             else:
@@ -226,11 +229,8 @@ def claim_jobs(
             break
     if not claimed:
         return []
-    found = {
-        job.id: job
-        for job in session.scalars(select(Job).where(Job.id.in_(claimed)).execution_options(populate_existing=True))
-    }
-    return [found[job_id] for job_id in claimed]
+    # The claim's UPDATE ... RETURNING left each job, fresh, in the session: no SELECT needed.
+    return [session.get_one(Job, job_id) for job_id in claimed]
 
 
 def _free_slots(session: Session, caps: dict[str, int], locked: set[str]) -> dict[str, int]:
