@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,8 @@ from shared.db import session_scope
 from shared.errors import Conflict, InvalidRequest
 from shared.settings import get_settings
 from shared.tables import IdempotencyKey, utcnow
+
+log = logging.getLogger("darkroom.idempotency")
 
 IN_FLIGHT, COMPLETED = "in_flight", "completed"
 MAX_KEY_LENGTH = 255
@@ -136,6 +139,17 @@ def release(tenant_id: str, key: str) -> None:
                 IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key, IdempotencyKey.state == IN_FLIGHT
             )
         )
+
+
+def release_after_failure(tenant_id: str, key: str | None) -> None:
+    """`release` from a request's error path (no-op without a key). Never raises: the request's own error
+    is what the client must see, and a key left in flight is taken over once it is stale."""
+    if key is None:
+        return
+    try:
+        release(tenant_id, key)
+    except Exception as exc:
+        log.warning("idempotency key not released: %s", type(exc).__name__)
 
 
 def delete_expired(session: Session, limit: int = 1000) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -128,9 +127,7 @@ def _submit(body: BatchCreate, tenant_id: str, key: str | None) -> tuple[BatchRe
             queues = [(job.id, job.queue) for job in created]
     except BaseException:
         limits.refund_images(tenant_id, tenant_limits, charged)
-        if key is not None:
-            with contextlib.suppress(Exception):
-                idempotency.release(tenant_id, key)
+        idempotency.release_after_failure(tenant_id, key)
         raise
     # 4. Published after the commit; the reconciler publishes whatever Redis missed.
     try:

@@ -137,9 +137,7 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
             created = to_read(job, session)
     except BaseException:
         limits.refund_images(tenant_id, prepared.limits, charged)
-        if key is not None:
-            with contextlib.suppress(Exception):
-                idempotency.release(tenant_id, key)
+        idempotency.release_after_failure(tenant_id, key)
         raise
     # 4. Published only after the commit. If Redis is down the job is still durable: the reconciler
     # publishes it once Redis is back, so the client keeps its 202.

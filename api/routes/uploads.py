@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 
 from fastapi import APIRouter, Response, UploadFile
@@ -58,8 +57,6 @@ def upload_image(
                 body = made.model_dump(mode="json")
                 idempotency.complete(session, tenant_id, idempotency_key, status=201, body=body, job_id=None)
     except BaseException:
-        if idempotency_key is not None:
-            with contextlib.suppress(Exception):
-                idempotency.release(tenant_id, idempotency_key)
+        idempotency.release_after_failure(tenant_id, idempotency_key)
         raise
     return made

@@ -61,9 +61,7 @@ def _rotate(tenant_id: str, grace_seconds: int | None, key: str | None) -> tuple
                 body = result.model_dump(mode="json")
                 idempotency.complete(session, tenant_id, key, status=200, body=body, job_id=None)
     except BaseException:
-        if key is not None:
-            with contextlib.suppress(Exception):
-                idempotency.release(tenant_id, key)
+        idempotency.release_after_failure(tenant_id, key)
         raise
     return result, False
 
