@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 from collections.abc import Callable
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -19,6 +15,7 @@ from api.deps import SessionDep, TenantDep
 from api.errors import responses
 from api.generation import store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
+from api.pagination import decode_cursor, encode_cursor
 from api.routes.jobs import PreparedJob, insert_job, prepare_job
 from api.routes.webhooks import delivery_read
 from api.schemas import JobCreate, WebhookDeliveryList
@@ -28,7 +25,7 @@ from shared.db import session_scope
 from shared.errors import DarkroomError, InvalidRequest
 from shared.settings import get_settings
 from shared.storage import get_storage
-from shared.tables import Batch, WebhookDelivery, new_id
+from shared.tables import WebhookDelivery, new_id
 from shared.webhooks import validate_webhook_url
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -161,18 +158,6 @@ async def create_batch(
     return batch
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, batch_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(created), str(batch_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise InvalidRequest("cursor: not a cursor returned by this API") from exc
-
-
-def _encode_cursor(batch: Batch) -> str:
-    return base64.urlsafe_b64encode(json.dumps([batch.created_at.isoformat(), batch.id]).encode()).decode()
-
-
 @router.get("", response_model=BatchList, responses=responses(401, 422))
 def list_batches(
     session: SessionDep,
@@ -181,13 +166,13 @@ def list_batches(
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> BatchList:
     """Your batches, newest first, with their counts (not their jobs), one page at a time."""
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     page = batches.list_batches(session, tenant_id, limit=limit + 1, after=after)
     more = len(page) > limit
     page = page[:limit]
     return BatchList(
         data=[BatchSummary.model_validate(batch_view(session, b, with_jobs=False)) for b in page],
-        next_cursor=_encode_cursor(page[-1]) if more else None,
+        next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
     )
 
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
@@ -20,10 +16,10 @@ from api.deps import SessionDep, TenantDep
 from api.errors import responses
 from api.generation import Inputs, read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
+from api.pagination import decode_cursor, encode_cursor
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
 from shared import broker, idempotency, jobs, limits, retention
 from shared.db import read_scope, session_scope
-from shared.errors import InvalidRequest
 from shared.job_view import job_view
 from shared.policy import check_prompt, policy_for
 from shared.registry import ModelSpec, get_registry
@@ -189,18 +185,6 @@ async def create_job(
     return job
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise InvalidRequest("cursor: not a cursor returned by this API") from exc
-
-
-def _encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(json.dumps([job.created_at.isoformat(), job.id]).encode()).decode()
-
-
 @router.get("", response_model=JobList, responses=responses(401, 422))
 def list_jobs(
     session: SessionDep,
@@ -210,11 +194,14 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> JobList:
     """Your jobs, newest first, one page at a time."""
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     page = jobs.list_jobs(session, tenant_id, status=status, limit=limit + 1, after=after)
     more = len(page) > limit
     page = page[:limit]
-    return JobList(data=[to_read(j, session) for j in page], next_cursor=_encode_cursor(page[-1]) if more else None)
+    return JobList(
+        data=[to_read(j, session) for j in page],
+        next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+    )
 
 
 @router.get("/{job_id}", response_model=JobRead, responses=responses(401, 404, 422))
