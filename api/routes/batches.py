@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.batch_schemas import BatchCreate, BatchList, BatchRead, BatchSummary
@@ -17,7 +16,7 @@ from api.generation import store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.pagination import decode_cursor, encode_cursor
 from api.routes.jobs import PreparedJob, insert_job, prepare_job
-from api.routes.webhooks import delivery_read
+from api.routes.webhooks import deliveries_read
 from api.schemas import JobCreate, WebhookDeliveryList
 from shared import batches, broker, idempotency, limits
 from shared.batch_view import batch_view
@@ -199,9 +198,4 @@ def cancel_batch(batch_id: str, tenant_id: TenantDep) -> BatchRead:
 def list_batch_webhooks(batch_id: str, session: SessionDep, tenant_id: TenantDep) -> WebhookDeliveryList:
     """The batch's own webhook deliveries (`batch.completed`), each with its attempts."""
     batches.get_batch(session, batch_id, tenant_id)
-    deliveries = session.scalars(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.batch_id == batch_id)
-        .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
-    ).all()
-    return WebhookDeliveryList(data=[delivery_read(session, d) for d in deliveries])
+    return deliveries_read(session, WebhookDelivery.batch_id == batch_id)

@@ -120,16 +120,19 @@ def delivery_read(session: Any, delivery: WebhookDelivery) -> WebhookDeliveryRea
     )
 
 
+def deliveries_read(session: Any, *where: Any) -> WebhookDeliveryList:
+    """The deliveries matching `where` (one job's, or one batch's), oldest first, each with its attempts."""
+    deliveries = session.scalars(
+        select(WebhookDelivery).where(*where).order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+    ).all()
+    return WebhookDeliveryList(data=[delivery_read(session, d) for d in deliveries])
+
+
 @router.get("/v1/jobs/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=responses(401, 404))
 def list_job_webhooks(job_id: str, session: SessionDep, tenant_id: TenantDep) -> WebhookDeliveryList:
     """The job's webhook deliveries, oldest first, each with its attempts (time, status code, latency, error)."""
     jobs.get_job(session, job_id, tenant_id)
-    deliveries = session.scalars(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.job_id == job_id)
-        .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
-    ).all()
-    return WebhookDeliveryList(data=[delivery_read(session, d) for d in deliveries])
+    return deliveries_read(session, WebhookDelivery.job_id == job_id)
 
 
 @router.post(
