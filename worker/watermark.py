@@ -17,6 +17,7 @@ invisible-watermark without its opencv-python dependency.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -61,12 +62,13 @@ def _blocks(frame: np.ndarray) -> tuple[np.ndarray, int, int]:
     return area.reshape(rows, BLOCK, cols, BLOCK).transpose(0, 2, 1, 3).reshape(-1, BLOCK, BLOCK), rows, cols
 
 
-def _transform(bits: list[int]) -> Any:
+@cache
+def _batched_transform() -> type:
     """The package's DWT-DCT-SVD transform with its per-block Python loops done as array operations.
 
     The package visits a 512x512 image's 4,096 blocks one by one (about 150 ms); the same maths on all
     blocks at once (batched DCT as matrix products, batched SVD) takes a few ms and writes the same mark,
-    read back by the package's own decoder.
+    read back by the package's own decoder. Built once, on first use: the package pulls in OpenCV.
     """
     from imwatermark.dwtDctSvd import EmbedDwtDctSvd
 
@@ -88,7 +90,11 @@ def _transform(bits: list[int]) -> Any:
                 scores[index % self._wmLen].append(int(bit))
             return scores
 
-    return Batched(bits, wmLen=len(WATERMARK_BITS), scales=SCALES, block=BLOCK)
+    return Batched
+
+
+def _transform(bits: list[int]) -> Any:
+    return _batched_transform()(bits, wmLen=len(WATERMARK_BITS), scales=SCALES, block=BLOCK)
 
 
 def _bgr(image: Image.Image) -> np.ndarray:
