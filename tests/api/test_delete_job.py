@@ -7,23 +7,8 @@ from urllib.parse import urlsplit
 
 from fastapi.testclient import TestClient
 
-from shared.db import session_scope
-from shared.jobs import claim_job, succeed_job
-from shared.storage import get_storage, input_key, output_key
-
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
-
-
-def run_to_success(job_id: str) -> None:
-    """What a worker does: store an output and an input, then succeed through the state machine."""
-    storage = get_storage()
-    storage.put(input_key(job_id, "image"), PNG, "image/png")
-    storage.put(output_key(job_id, 0), PNG, "image/png")
-    output = {"key": output_key(job_id, 0), "width": 8, "height": 8, "seed": 1, "content_type": "image/png"}
-    with session_scope() as session:
-        assert claim_job(session, job_id, worker_id="w", lease_seconds=30) is not None
-    with session_scope() as session:
-        assert succeed_job(session, job_id, attempt=1, outputs=[output])
+from shared.storage import get_storage
+from tests.shared.test_retention import run_to_success
 
 
 def fetch(api: TestClient, url: str) -> int:
@@ -33,7 +18,7 @@ def fetch(api: TestClient, url: str) -> int:
 
 def test_delete_removes_the_images_and_keeps_the_record(api: TestClient, auth: dict[str, str]) -> None:
     job = api.post("/v1/jobs", json={"prompt": "a lighthouse", "seed": 3}, headers=auth).json()
-    run_to_success(job["id"])
+    run_to_success(get_storage(), job["id"])
     [output] = api.get(f"/v1/jobs/{job['id']}", headers=auth).json()["outputs"]
     assert fetch(api, output["url"]) == 200
 

@@ -78,6 +78,12 @@ def finished_job(storage: Storage, tenant_id: str, batch_id: str | None = None) 
             batch_id=batch_id,
         )
         job_id = job.id
+    run_to_success(storage, job_id)
+    return job_id
+
+
+def run_to_success(storage: Storage, job_id: str) -> None:
+    """What a worker does: store an output and an input, then succeed through the state machine."""
     storage.put(input_key(job_id, "image"), PNG, "image/png")
     storage.put(output_key(job_id, 0), PNG, "image/png")
     output = {"key": output_key(job_id, 0), "width": 8, "height": 8, "seed": 1, "content_type": "image/png"}
@@ -85,7 +91,6 @@ def finished_job(storage: Storage, tenant_id: str, batch_id: str | None = None) 
         assert claim_job(session, job_id, worker_id="w", lease_seconds=30) is not None
     with session_scope() as session:
         assert succeed_job(session, job_id, attempt=1, outputs=[output])
-    return job_id
 
 
 def keys(job_id: str) -> list[str]:
