@@ -1,6 +1,6 @@
 """Job events: what happened to a job, told to the outside world once the change has committed.
 
-shared.jobs calls `job_created`, `job_transitioned` and `job_progressed` inside the transaction of the
+shared.jobs calls `job_created`, `job_transitioned` and `jobs_progressed` inside the transaction of the
 change. Webhook notifications are written there, into the outbox table, so one exists if and only if the
 change committed. Everything that lives in Redis (a per-job event stream that SSE and long polls read,
 the webhook send task, the run-time average behind ETAs) runs only after the commit, and is best-effort:
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from shared import batch_events, broker, webhooks
@@ -158,8 +158,8 @@ def jobs_progressed(
     total: int,
     previews: dict[str, str] | None = None,
 ) -> None:
-    """`job_progressed` for a batch's progress UPDATE: `rows` are its RETURNING (id, webhook_url,
-    webhook_events), so no job is read again."""
+    """Called by shared.jobs.record_progress_many after a progress UPDATE, in the same transaction: `rows` are
+    its RETURNING (id, webhook_url, webhook_events), so no job is read again."""
     for job_id, url, subscribed in rows:
         if url and "progress" in (subscribed or ()):
             job = session.get(Job, job_id, populate_existing=True)
@@ -167,13 +167,3 @@ def jobs_progressed(
                 _notify(session, job, "progress")
     for job_id, _, _ in rows:
         _stream_after_commit(session, job_id, "progress", _progress_data(step, total, (previews or {}).get(job_id)))
-
-
-def job_progressed(session: Session, job_id: str, step: int, total: int, preview: str | None = None) -> None:
-    """Called by shared.jobs.record_progress after a progress write, in the same transaction."""
-    url, events = session.execute(select(Job.webhook_url, Job.webhook_events).where(Job.id == job_id)).one()
-    if url and "progress" in (events or ()):
-        job = session.get(Job, job_id, populate_existing=True)
-        if job is not None:
-            _notify(session, job, "progress")
-    _stream_after_commit(session, job_id, "progress", _progress_data(step, total, preview))

@@ -183,16 +183,7 @@ def renew_lease(session: Session, job_id: str, *, attempt: int, lease_seconds: i
 
 def record_progress(session: Session, job_id: str, *, attempt: int, step: int, total: int) -> bool:
     """Store progress; returns False when the job is no longer this attempt's to run (canceled, taken over)."""
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == RUNNING, *_owned(job_id, attempt))
-        .values(progress_step=step, progress_total=total)
-        .execution_options(synchronize_session=False)
-    )
-    ours = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
-    if ours:
-        events.job_progressed(session, job_id, step, total)
-    return ours
+    return job_id in record_progress_many(session, {job_id: attempt}, step=step, total=total)
 
 
 def record_progress_many(
