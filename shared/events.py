@@ -15,10 +15,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from redis.client import Pipeline
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from shared import batch_events, broker, webhooks
+from shared import batch_events, broker, positions, webhooks
 from shared.job_view import record_run_seconds_many
 from shared.settings import get_settings
 from shared.tables import Job
@@ -40,8 +41,9 @@ ENDED_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 STREAM_MAXLEN = 2000
 
 _AFTER_COMMIT = "darkroom_after_commit"
-# What a transaction collects for after its commit: stream events, and run times of jobs that succeeded.
-_STREAM_EVENTS = "darkroom_stream_events"
+# What a transaction collects for after its commit: Redis commands (stream events, queue positions), and run
+# times of jobs that succeeded.
+_REDIS_COMMANDS = "darkroom_redis_commands"
 _RUN_SECONDS = "darkroom_run_seconds"
 
 
@@ -61,7 +63,7 @@ def _run_after_commit(session: Session) -> None:
 
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit(session: Session) -> None:
-    for key in (_AFTER_COMMIT, _STREAM_EVENTS, _RUN_SECONDS):
+    for key in (_AFTER_COMMIT, _REDIS_COMMANDS, _RUN_SECONDS):
         session.info.pop(key, None)
 
 
@@ -83,8 +85,37 @@ def _collect_after_commit(session: Session, key: str, item: Any, flush: Callable
     pending.append(item)
 
 
+def in_pipeline_after_commit(session: Session, command: Callable[[Pipeline], Any]) -> None:
+    """Queue a Redis command for after the commit; a transaction's commands go in one round trip, in order."""
+    _collect_after_commit(session, _REDIS_COMMANDS, command, _run_pipeline)
+
+
+def _run_pipeline(commands: list[Callable[[Pipeline], Any]]) -> None:
+    pipe = broker.get_redis().pipeline(transaction=False)
+    for command in commands:
+        command(pipe)
+    pipe.execute()
+
+
 def _stream_after_commit(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
-    _collect_after_commit(session, _STREAM_EVENTS, (job_id, kind, data), append_many)
+    ttl = get_settings().event_stream_ttl
+    in_pipeline_after_commit(session, lambda pipe: _xadd(pipe, job_id, kind, data, ttl))
+
+
+def _xadd(pipe: Pipeline, job_id: str, kind: str, data: dict[str, Any], ttl: int) -> None:
+    key = stream_key(job_id)
+    pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, ttl)
+
+
+def _position_after_commit(session: Session, job: Job) -> None:
+    """The job enters (queued) or leaves (any other status) its queue's position set (shared.positions)."""
+    queue, job_id = job.queue, job.id
+    if job.status == "queued":
+        job_score = positions.score(job.priority, job.created_at)
+        in_pipeline_after_commit(session, lambda pipe: positions.add(pipe, queue, job_id, job_score))
+    else:
+        in_pipeline_after_commit(session, lambda pipe: positions.remove(pipe, queue, job_id))
 
 
 def stream_key(job_id: str) -> str:
@@ -107,6 +138,7 @@ def _notify(session: Session, job: Job, kind: str) -> None:
 
 def job_created(session: Session, job: Job) -> None:
     _stream_after_commit(session, job.id, "queued", {"status": "queued"})
+    _position_after_commit(session, job)
 
 
 def job_transitioned(session: Session, job_id: str, status: str) -> None:
@@ -117,6 +149,8 @@ def job_transitioned(session: Session, job_id: str, status: str) -> None:
         return
     kind = EVENT_FOR_STATUS[status]
     _notify(session, job, kind)
+    if status in ("queued", "running", "canceled", "failed"):  # the moves into and out of `queued`
+        _position_after_commit(session, job)
     if status in ENDED_STATUSES and job.batch_id is not None:
         # In this transaction, so the batch's countdown and its `batch.completed` row commit with the job's end.
         delivery_id = batch_events.job_ended(session, job.batch_id)
@@ -138,9 +172,7 @@ def append_many(entries: list[tuple[str, str, dict[str, Any]]]) -> None:
     ttl = get_settings().event_stream_ttl
     pipe = broker.get_redis().pipeline(transaction=False)
     for job_id, kind, data in entries:
-        key = stream_key(job_id)
-        pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.expire(key, ttl)
+        _xadd(pipe, job_id, kind, data, ttl)
     pipe.execute()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
-from shared import broker
+from shared import broker, positions
 from shared.limits import PRIORITIES
 from shared.settings import get_settings
 from shared.storage import get_storage
@@ -45,7 +45,11 @@ _AHEAD = (
 
 
 def queue_position(session: Session, job: Job) -> int:
-    """Queued jobs in the same queue that a worker takes before this one (priority desc, created_at, id)."""
+    """Queued jobs in the same queue that a worker takes before this one (priority desc, created_at, id):
+    from the queue's position set (shared.positions), or counted where the set cannot tell."""
+    ahead = positions.ahead(job.queue, job.id, positions.score(job.priority, job.created_at))
+    if ahead is not None:
+        return ahead
     params = {"queue": job.queue, "priority": job.priority, "created_at": job.created_at, "id": job.id}
     return int(session.scalar(_AHEAD, params) or 0)
 

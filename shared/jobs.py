@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared import events
+from shared import events, positions
 from shared.errors import Conflict, IllegalTransition, NotFound
 from shared.tables import Job, utcnow
 
@@ -342,6 +342,15 @@ def queued_before(session: Session, cutoff: datetime, limit: int = 1000) -> list
         .limit(limit)
     ).all()
     return [(r[0], r[1]) for r in rows]
+
+
+def queued_positions(session: Session) -> dict[str, dict[str, int]]:
+    """queue -> {job id: position score (shared.positions)} of every queued job."""
+    out: dict[str, dict[str, int]] = {}
+    rows = session.execute(select(Job.queue, Job.id, Job.priority, Job.created_at).where(Job.status == QUEUED))
+    for queue, job_id, priority, created_at in rows:
+        out.setdefault(queue, {})[job_id] = positions.score(priority, created_at)
+    return out
 
 
 def queue_stats(session: Session) -> list[tuple[str, int, datetime | None]]:

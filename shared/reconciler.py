@@ -16,9 +16,9 @@ from datetime import timedelta
 
 import redis
 
-from shared import broker, idempotency, retention, webhooks
+from shared import broker, idempotency, positions, retention, webhooks
 from shared.db import session_scope
-from shared.jobs import expire_leases, queued_before
+from shared.jobs import expire_leases, queued_before, queued_positions
 from shared.settings import get_settings
 from shared.tables import utcnow
 
@@ -27,9 +27,10 @@ log = logging.getLogger("darkroom.reconciler")
 # A job is only republished once it has sat in `queued` this long without a "published" marker, so the
 # reconciler does not race the API between its commit and its publish.
 PUBLISH_GRACE = timedelta(seconds=2)
+POSITION_SYNC_SECONDS = 60
 
 
-def reconcile_once(*, expire: bool = True) -> dict[str, int]:
+def reconcile_once(*, expire: bool = True, sync_positions: bool = True) -> dict[str, int]:
     settings = get_settings()
     requeued: list[tuple[str, str]] = []
     if expire:
@@ -47,6 +48,14 @@ def reconcile_once(*, expire: bool = True) -> dict[str, int]:
         log.warning("message for queued job %s was lost; republishing to %s", job_id, queue)
         broker.publish_job(job_id, queue)
 
+    positions_fixed = 0
+    if sync_positions:
+        with session_scope() as session:
+            queued = queued_positions(session)
+        positions_fixed = sum(positions.sync(queued))
+        if positions_fixed:
+            log.warning("queue position sets were out of step with the database: %d members fixed", positions_fixed)
+
     with session_scope() as session:
         deliveries = webhooks.due_for_backstop(session)
         expired_keys = idempotency.delete_expired(session)
@@ -59,13 +68,14 @@ def reconcile_once(*, expire: bool = True) -> dict[str, int]:
         "republished": len(lost),
         "webhooks_resent": len(deliveries),
         "idempotency_keys_expired": expired_keys,
+        "positions_fixed": positions_fixed,
     }
 
 
 def run_forever(stop: threading.Event) -> None:
     settings = get_settings()
     interval = settings.reconcile_interval
-    last_failure = -float("inf")
+    last_failure = last_sync = -float("inf")
     while not stop.wait(interval):
         try:
             # Short: a worker killed mid-pass keeps the lock until it times out, delaying everyone's recovery.
@@ -77,7 +87,12 @@ def run_forever(stop: threading.Event) -> None:
                 # After an outage no worker could renew its lease, so every lease looks expired. Give live
                 # workers one lease period to renew (and to land the results they held on to) before
                 # treating them as dead; otherwise finished work would be thrown away and redone.
-                reconcile_once(expire=time.monotonic() - last_failure > settings.lease_seconds)
+                # The position sets are compared with every queued job: once a minute is enough for a
+                # repair that only Redis losing writes makes necessary.
+                sync = time.monotonic() - last_sync > POSITION_SYNC_SECONDS
+                reconcile_once(expire=time.monotonic() - last_failure > settings.lease_seconds, sync_positions=sync)
+                if sync:
+                    last_sync = time.monotonic()
             finally:
                 with contextlib.suppress(redis.exceptions.LockError):
                     lock.release()

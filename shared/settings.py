@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         description="CPU threads torch may use in a worker process; 0: torch's default (one per core). On a"
         " CPU worker sharing its cores with the API and the database, fewer threads wait less on each other.",
     )
+    encode_processes: int = Field(
+        -1,
+        ge=-1,
+        description="Processes beside a worker's pipeline that watermark and encode its images; -1: one per core"
+        " but one, at most 4; 0: encode in the worker process itself.",
+    )
     compile: bool = Field(False, description="torch.compile the UNet (mode reduce-overhead) on CUDA workers.")
     compile_shapes: str = Field(
         "",

@@ -113,6 +113,9 @@ def darkroom_env(
         "DARKROOM_SECRET_KEY": "test-secret",
         "DARKROOM_PUBLIC_URL": "http://testserver",
         "DARKROOM_PROGRESS_INTERVAL": "0",
+        # Images are encoded in this process: tests patch the encoding, which encoder processes would not see
+        # (tests/worker/test_store.py runs the processes themselves).
+        "DARKROOM_ENCODE_PROCESSES": "0",
         "DARKROOM_ENV_FILE": "",
     }
     for key in [k for k in os.environ if k.startswith("DARKROOM_")]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 from typing import Any
 
 from celery.exceptions import TimeLimitExceeded
@@ -32,6 +34,13 @@ log = logging.getLogger("darkroom.worker")
 def _fresh_connections(**_: object) -> None:
     # A forked pool child must not share the parent's database or Redis sockets.
     db.reset_connections()
+    # The encoder processes (worker/store.py) are started from here with multiprocessing, whose idea of the
+    # current process billiard replaced with its own, in a state multiprocessing refuses: daemonic (it would
+    # not wait for children at exit; encoders need no wait, they hold no state and exit with this process),
+    # and with billiard's authkey type, which multiprocessing's spawn cannot pickle. Both reset.
+    current = multiprocessing.current_process()
+    current._config["daemon"] = False  # type: ignore[attr-defined]
+    current._config["authkey"] = multiprocessing.process.AuthenticationString(os.urandom(32))  # type: ignore[attr-defined]
     broker.get_redis.cache_clear()
     # Before anything imports torch's inductor, so compiled shapes come from (and go to) the lasting cache.
     settings = get_settings()

@@ -59,20 +59,24 @@ def gather(
     window_s: float,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    looked: bool = False,
 ) -> int:
     """Fill a batch that holds `images`: claim what is queued now, then look again until it is full or the
-    window closes. `claim_more(room)` claims up to `room` images and returns how many it got.
+    window closes. `claim_more(room)` claims up to `room` images and returns how many it got. `looked`: the
+    caller has just claimed what was queued, so the first look waits a poll interval.
 
     The window starts when gathering does, so a job is never held back longer than `window_s`, and a
     batch that is full, or a window of 0, waits for nothing. Returns the images in the batch.
     """
     deadline = clock() + window_s
     while images < max_images:
+        if looked:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                break
+            sleep(min(GATHER_POLL_S, remaining))
         images += claim_more(max_images - images)
-        remaining = deadline - clock()
-        if images >= max_images or remaining <= 0:
-            break
-        sleep(min(GATHER_POLL_S, remaining))
+        looked = True
     return images
 
 

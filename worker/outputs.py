@@ -14,7 +14,6 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from shared.storage import output_key
 from worker.watermark import MATCH_THRESHOLD, embed_watermark, has_watermark
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -101,27 +100,3 @@ def read_parameters(image: Image.Image) -> str | None:
         return str(image.info["parameters"])
     raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
     return read_user_comment(raw) if isinstance(raw, bytes) else None
-
-
-def store_outputs(
-    storage: Any, job_id: str, request: dict[str, Any], images: list[Image.Image], nsfw: list[bool], *, sampler: str
-) -> list[dict[str, Any]]:
-    """Encode and upload each image; the job's `outputs` records."""
-    outputs: list[dict[str, Any]] = []
-    for index, image in enumerate(images):
-        seed = int(request["seed"]) + index
-        encoded = encode_output(image, request, job_id=job_id, seed=seed, sampler=sampler)
-        key = output_key(job_id, index, encoded.extension)
-        storage.put(key, encoded.data, encoded.content_type)
-        outputs.append(
-            {
-                "key": key,
-                "width": image.width,
-                "height": image.height,
-                "seed": seed,
-                "content_type": encoded.content_type,
-                "nsfw": nsfw[index],
-                "watermark": encoded.watermarked,
-            }
-        )
-    return outputs

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -31,9 +32,9 @@ from worker import failures, status
 from worker.batching import Member, StepHook, gather, run_batch
 from worker.generate import StopGeneration
 from worker.lease import Heartbeat
-from worker.outputs import store_outputs
 from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
 from worker.safety import nsfw_flags
+from worker.store import store_outputs
 from worker.variants import prepare_pipeline, sampler_name
 
 __all__ = ["StepHook", "pipeline_cache", "register", "run_job"]
@@ -62,7 +63,18 @@ def worker_id() -> str:
 
 
 def run_job(job_id: str) -> str:
-    """Run the best queued job of `job_id`'s queue, with compatible jobs gathered into the same call."""
+    """Run the best queued job of `job_id`'s queue, with compatible jobs gathered into the same call; then,
+    while the queue has more, the next best batch, with the last one's storing overlapping this one's call.
+
+    Encoding, watermarking and uploading a batch's images is CPU work of about the size of the call itself
+    on a GPU; done between calls, it leaves the accelerator idle that long. Here batch N is stored and
+    recorded on a second thread (encoding itself on the encoder processes, worker/store.py) while batch
+    N+1 generates. The next batch is claimed only once this one's call is over, so a job reads `running`
+    only while it runs; claims follow the same scheduling rule as a fresh token's, so priorities and fair
+    share hold, and the tokens of the jobs the loop ran find nothing queued and are skipped. It stops
+    claiming once a quarter of the task's soft time limit has passed, so that the last batch keeps most of
+    the limit for itself, and when the worker is stopping.
+    """
     settings = get_settings()
     me = worker_id()
 
@@ -71,48 +83,105 @@ def run_job(job_id: str) -> str:
     # message and its job starting.
     def claim(session: Any) -> list[Job]:
         queue = queue_of(session, job_id)
-        return claim_jobs(session, queue, worker_id=me, lease_seconds=settings.lease_seconds) if queue else []
+        return claim_batch(session, queue, settings, me) if queue else []
 
     claimed = retry_unit_of_work(claim, seconds=settings.db_retry_seconds, what=f"claim for token {job_id}")
     if not claimed:
         return "skipped"  # nothing queued: this token's job ran with an earlier one, or was canceled
-    leader = claimed[0]
-    members = [member_of(leader)]
-    tenants = {job.tenant_id for job in claimed}
+    queue = claimed[0].queue
+    if job_id != claimed[0].id:
+        log.debug("token of job %s ran job %s", job_id, claimed[0].id)
+    stop_claiming_at = time.monotonic() + settings.job_soft_time_limit / 4
+
+    def claim_next() -> list[Job]:
+        def claim(session: Any) -> list[Job]:
+            return claim_batch(session, queue, settings, me)
+
+        return retry_unit_of_work(claim, seconds=settings.db_retry_seconds, what="claim of a next batch")
+
+    outcomes: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as storer:
+        storing: Future[Stored] | None = None
+        while claimed:
+            members, tenants = gather_company(claimed, settings, me)
+            status.state.current_job = members[0].job_id
+            computed = compute(claimed[0].model, queue, members, tenants, settings)
+            if storing is not None:
+                outcomes.update(settle(storing.result()))
+            storing = storer.submit(store_and_record, computed, settings)
+            if computed.stopped or status.stop_requested() or time.monotonic() > stop_claiming_at:
+                break
+            claimed = claim_next()
+        if storing is not None:
+            outcomes.update(settle(storing.result()))
+    return summary(outcomes)
+
+
+def batchable(leader: Job, settings: Settings) -> bool:
+    """Whether compatible jobs may join the leader's call."""
     # Image tasks (img2img, inpaint, upscale) run one call per job, so gathering them would only queue
     # them behind each other on this worker.
     # A job on its second attempt or later may be the one that crashed its last worker: it runs alone.
-    batchable = leader.request.get("task", "txt2img") == "txt2img" and leader.attempts == 1
-    if leader.batch_key and batchable and members[0].images < settings.max_batch_images:
+    return (
+        bool(leader.batch_key)
+        and leader.request.get("task", "txt2img") == "txt2img"
+        and leader.attempts == 1
+        and int(leader.request["num_images"]) < settings.max_batch_images
+    )
 
-        def claim_more(room: int) -> int:
-            with session_scope() as session:
-                more = claim_jobs(
-                    session,
-                    leader.queue,
-                    worker_id=me,
-                    lease_seconds=settings.lease_seconds,
-                    max_jobs=room,
-                    max_images=room,
-                    key=leader.batch_key,
-                )
-            members.extend(member_of(job) for job in more)
-            tenants.update(job.tenant_id for job in more)
-            return sum(int(job.request["num_images"]) for job in more)
 
-        gather(
-            claim_more,
-            images=members[0].images,
-            max_images=settings.max_batch_images,
-            window_s=settings.batch_window_ms / 1000,
+def claim_batch(session: Any, queue: str, settings: Settings, me: str) -> list[Job]:
+    """Claim the best queued job of `queue` and, in the same transaction, the compatible jobs queued now."""
+    claimed = claim_jobs(session, queue, worker_id=me, lease_seconds=settings.lease_seconds)
+    if claimed and batchable(claimed[0], settings):
+        room = settings.max_batch_images - int(claimed[0].request["num_images"])
+        claimed += claim_jobs(
+            session,
+            queue,
+            worker_id=me,
+            lease_seconds=settings.lease_seconds,
+            max_jobs=room,
+            max_images=room,
+            key=claimed[0].batch_key,
         )
-    if job_id != leader.id:
-        log.debug("token of job %s ran job %s", job_id, leader.id)
-    status.state.current_job = leader.id
-    outcomes = run_members(leader.model, leader.queue, members, settings)
-    status.record_outcomes(outcomes)
-    wake_held_back(tenants, len(members))
-    return summary(outcomes)
+    return claimed
+
+
+def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[list[Member], set[str]]:
+    """The members of a claimed batch and their tenants, after waiting out the gathering window for more
+    compatible jobs if the batch is not full."""
+    leader = claimed[0]
+    members = [member_of(job) for job in claimed]
+    tenants = {job.tenant_id for job in claimed}
+    images = sum(m.images for m in members)
+    if not batchable(leader, settings) or images >= settings.max_batch_images:
+        return members, tenants
+
+    def claim_more(room: int) -> int:
+        with session_scope() as session:
+            more = claim_jobs(
+                session,
+                leader.queue,
+                worker_id=me,
+                lease_seconds=settings.lease_seconds,
+                max_jobs=room,
+                max_images=room,
+                key=leader.batch_key,
+            )
+        members.extend(member_of(job) for job in more)
+        tenants.update(job.tenant_id for job in more)
+        return sum(int(job.request["num_images"]) for job in more)
+
+    window_s = settings.batch_window_ms / 1000
+    gather(claim_more, images=images, max_images=settings.max_batch_images, window_s=window_s, looked=True)
+    return members, tenants
+
+
+def settle(stored: Stored) -> dict[str, str]:
+    """Account for a stored batch: the worker's counters, and held-back queues its freed slots can wake."""
+    status.record_outcomes(stored.outcomes)
+    wake_held_back(stored.tenants, len(stored.outcomes))
+    return stored.outcomes
 
 
 def wake_held_back(tenants: set[str], freed: int) -> None:
@@ -134,19 +203,51 @@ def member_of(job: Job) -> Member:
     return Member(job.id, job.attempts, job.request)
 
 
-def run_members(model: str, queue: str, members: list[Member], settings: Settings) -> dict[str, str]:
-    """Generate, upload and record a claimed batch; returns each job's outcome."""
-    outcomes: dict[str, str] = {}
+@dataclass
+class Finished:
+    """A job whose images passed the safety check, waiting to be stored."""
+
+    member: Member
+    images: list[Any]
+    nsfw: list[bool]
+    sampler: str
+
+
+@dataclass
+class Computed:
+    """A batch whose generation is over: failed jobs are recorded, `finished` ones remain to be stored."""
+
+    members: list[Member]
+    tenants: set[str]
+    outcomes: dict[str, str] = field(default_factory=dict)
+    finished: list[Finished] = field(default_factory=list)
+    stopped: bool = False  # a graceful shutdown stopped the call: claim nothing more
+
+
+@dataclass
+class Stored:
+    outcomes: dict[str, str]
+    tenants: set[str]
+
+
+def fail_members(targets: list[Member], code: str, message: str, outcomes: dict[str, str], settings: Settings) -> None:
+    def write(session: Any) -> None:
+        for member in targets:
+            fail_job(session, member.job_id, attempt=member.attempt, code=code, message=message)
+
+    retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="failure of a batch")
+    for member in targets:
+        outcomes[member.job_id] = "failed"
+        log.warning("job %s failed: %s: %s", member.job_id, code, message)
+
+
+def compute(model: str, queue: str, members: list[Member], tenants: set[str], settings: Settings) -> Computed:
+    """Generate a claimed batch and run the safety check; what fails on the way is recorded here."""
+    computed = Computed(members, tenants)
+    outcomes = computed.outcomes
 
     def fail(targets: list[Member], code: str, message: str) -> None:
-        def write(session: Any) -> None:
-            for member in targets:
-                fail_job(session, member.job_id, attempt=member.attempt, code=code, message=message)
-
-        retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="failure of a batch")
-        for member in targets:
-            outcomes[member.job_id] = "failed"
-            log.warning("job %s failed: %s: %s", member.job_id, code, message)
+        fail_members(targets, code, message, outcomes, settings)
 
     log.info("running %d jobs (%d images) of %s", len(members), sum(m.images for m in members), model)
     for member in members:
@@ -157,7 +258,7 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
         spec = get_registry().get(runs)
         if spec is None:
             fail(members, "unknown_model", f"model {runs!r} is not in this worker's registry")
-            return outcomes
+            return computed
         hook = StepHook(members, settings.progress_interval, beat.lost, preview_every=settings.preview_every_steps)
         try:
             base = pipeline_cache().get(spec)
@@ -168,17 +269,18 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
             log.info("jobs %s stopped: %s", ", ".join(m.job_id for m in members), stop)
             if status.stop_requested():
                 outcomes.update(hand_back_all(hook.live(), queue))
-            return outcomes or {m.job_id: "stopped" for m in members}
+                computed.stopped = True
+            return computed
         except ModelTooLarge as exc:
             fail(members, "model_too_large", str(exc))
-            return outcomes
+            return computed
         except SoftTimeLimitExceeded:
             fail(hook.live(), "timeout", f"the job ran past its time limit of {settings.job_soft_time_limit} s")
-            return outcomes
+            return computed
         except Exception as exc:
             log.exception("generation failed")
             fail(hook.live(), *failures.describe(exc))
-            return outcomes
+            return computed
 
         by_id = {m.job_id: m for m in members}
         for job_id, (code, message) in result.failed.items():
@@ -187,11 +289,21 @@ def run_members(model: str, queue: str, members: list[Member], settings: Setting
             limit = settings.job_soft_time_limit
             fail([by_id[result.timed_out]], "timeout", f"the job ran past its time limit of {limit} s")
             outcomes.update(hand_back_all(result.unrun, queue))
-        done = [(by_id[job_id], images) for job_id, images in result.images.items()]
-        outcomes.update(record_successes(done, base, pipe, settings, fail))
-    for member in members:
-        outcomes.setdefault(member.job_id, "stopped")
-    return outcomes
+            computed.stopped = True
+        for job_id, images in result.images.items():
+            member = by_id[job_id]
+            # The safety check runs the base model's checker on the accelerator: here, not on the store thread.
+            try:
+                nsfw = nsfw_flags(base, images)
+            except Exception as exc:
+                log.exception("job %s: safety check failed", job_id)
+                fail([member], *failures.describe(exc))
+                continue
+            if any(nsfw) and member.request.get("nsfw", "withhold") == "withhold":
+                fail([member], "content_policy", "the model's safety checker flagged the output, so it was withheld")
+                continue
+            computed.finished.append(Finished(member, images, nsfw, sampler_name(pipe, member.request)))
+    return computed
 
 
 class RetryingStorage:
@@ -204,47 +316,38 @@ class RetryingStorage:
         put_with_retry(self.storage, key, data, content_type, seconds=self.seconds)
 
 
-def record_successes(
-    done: list[tuple[Member, list[Any]]],
-    base: Any,
-    pipe: Any,
-    settings: Settings,
-    fail: Callable[[list[Member], str, str], None],
-) -> dict[str, str]:
-    """Check each job's images with the base model's safety checker, upload them (retried through a storage
-    outage), then mark the jobs succeeded together. `pipe` is the pipeline that ran: its sampler is recorded."""
+def store_and_record(computed: Computed, settings: Settings) -> Stored:
+    """Encode and upload each finished job's images (retried through a storage outage), then mark the jobs
+    succeeded together. Runs on the store thread, under its own heartbeat, while the next batch generates."""
+    outcomes = dict(computed.outcomes)
+    finished = computed.finished
+    with Heartbeat({f.member.job_id: f.member.attempt for f in finished}, settings.lease_seconds):
+        outcomes.update(record_successes(finished, settings, outcomes))
+    for member in computed.members:
+        outcomes.setdefault(member.job_id, "stopped")
+    return Stored(outcomes, computed.tenants)
+
+
+def record_successes(finished: list[Finished], settings: Settings, outcomes: dict[str, str]) -> dict[str, str]:
     storage = RetryingStorage(get_storage(), settings.storage_retry_seconds)
     outputs: dict[str, list[dict[str, Any]]] = {}
     uploaded: list[Member] = []
-    passed: list[tuple[Member, list[Any], list[bool]]] = []
-    for member, images in done:
-        try:
-            nsfw = nsfw_flags(base, images)
-        except Exception as exc:
-            log.exception("job %s: safety check failed", member.job_id)
-            fail([member], *failures.describe(exc))
-            continue
-        if any(nsfw) and member.request.get("nsfw", "withhold") == "withhold":
-            fail([member], "content_policy", "the model's safety checker flagged the output, so it was withheld")
-            continue
-        passed.append((member, images, nsfw))
 
-    def store(member: Member, images: list[Any], nsfw: list[bool]) -> list[dict[str, Any]]:
-        request = member.request
-        return store_outputs(storage, member.job_id, request, images, nsfw, sampler=sampler_name(pipe, request))
+    def store(f: Finished) -> list[dict[str, Any]]:
+        return store_outputs(storage, f.member.job_id, f.member.request, f.images, f.nsfw, sampler=f.sampler)
 
     # Uploads to S3 wait on the network, so a batch's jobs are stored side by side there, in about the time of
     # the slowest. Local disk is not worth it: threads encoding at once only fight over the GIL (bench.e2e
     # measured 0.53 of direct serially, 0.44 with four threads).
     threads = STORE_THREADS if isinstance(storage.storage, S3Storage) else 1
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(passed)))) as pool:
-        stored = [(member, pool.submit(store, member, images, nsfw)) for member, images, nsfw in passed]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(finished)))) as pool:
+        stored = [(f.member, pool.submit(store, f)) for f in finished]
         for member, future in stored:
             try:
                 outputs[member.job_id] = future.result()
             except StorageUnavailable as exc:
                 # Nothing is listed for this job: its outputs appear only with the `succeeded` UPDATE.
-                fail([member], "storage_unavailable", str(exc))
+                fail_members([member], "storage_unavailable", str(exc), outcomes, settings)
                 continue
             uploaded.append(member)
 
@@ -256,13 +359,13 @@ def record_successes(
             for m in uploaded
         }
 
-    outcomes = retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="results of a batch")
-    for job_id, outcome in outcomes.items():
+    recorded = retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="results of a batch")
+    for job_id, outcome in recorded.items():
         if outcome == "discarded":
             log.info("job %s finished but was canceled or taken over meanwhile; outputs discarded", job_id)
         else:
             log.info("job %s succeeded with %d images", job_id, len(outputs[job_id]))
-    return outcomes
+    return recorded
 
 
 def hand_back_all(members: list[Member], queue: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from api.errors import responses
 from api.generation import store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.pagination import decode_cursor, encode_cursor
-from api.routes.jobs import PreparedJob, insert_job, prepare_job
+from api.routes.jobs import PreparedJob, insert_job, prepare_job, publish_after_commit
 from api.routes.webhooks import deliveries_read
 from api.schemas import JobCreate, WebhookDeliveryList
 from shared import batches, broker, idempotency, limits
@@ -120,17 +120,14 @@ def _submit(body: BatchCreate, tenant_id: str, key: str | None) -> tuple[BatchRe
             if key is not None:
                 idempotency.complete(session, tenant_id, key, status=202, body={"batch_id": batch.id}, job_id=None)
             result = BatchRead.model_validate(batch_view(session, batch))
-            queues = [(job.id, job.queue) for job in created]
+            # 4. Published after the commit, with the jobs' stream events; the reconciler publishes whatever
+            # Redis missed.
+            for made in created:
+                publish_after_commit(session, made.id, made.queue)
     except BaseException:
         limits.refund_images(tenant_id, tenant_limits, charged)
         idempotency.release_after_failure(tenant_id, key)
         raise
-    # 4. Published after the commit; the reconciler publishes whatever Redis missed.
-    try:
-        for job_id, queue in queues:
-            broker.publish_job(job_id, queue)
-    except Exception as exc:
-        log.warning("publishing batch %s failed (%s); the reconciler will retry", result.id, type(exc).__name__)
     return result, False
 
 

@@ -18,7 +18,7 @@ from api.generation import Inputs, read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.pagination import decode_cursor, encode_cursor
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
-from shared import broker, idempotency, jobs, limits, retention
+from shared import broker, events, idempotency, jobs, limits, retention
 from shared.db import read_scope, session_scope
 from shared.job_view import job_view
 from shared.policy import check_prompt, policy_for
@@ -131,17 +131,18 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
             # Rendered inside the creating transaction: once it commits, the answer is a 202 whatever the
             # database does next, so a client is never told "refused" about a job that exists.
             created = to_read(job, session)
+            # 4. Published only after the commit, in the round trip of its stream event. If Redis is down the
+            # job is still durable: the reconciler publishes it once Redis is back; the client keeps its 202.
+            publish_after_commit(session, job.id, job.queue)
     except BaseException:
         limits.refund_images(tenant_id, prepared.limits, charged)
         idempotency.release_after_failure(tenant_id, key)
         raise
-    # 4. Published only after the commit. If Redis is down the job is still durable: the reconciler
-    # publishes it once Redis is back, so the client keeps its 202.
-    try:
-        broker.publish_job(job.id, job.queue)
-    except Exception as exc:
-        log.warning("publishing job %s failed (%s); the reconciler will retry", job.id, type(exc).__name__)
     return created, False
+
+
+def publish_after_commit(session: Session, job_id: str, queue: str) -> None:
+    events.in_pipeline_after_commit(session, lambda pipe: broker.publish_in(pipe, job_id, queue))
 
 
 PREFER_DESCRIPTION = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -224,13 +225,38 @@ def test_a_batch_whose_jobs_are_all_canceled_stops(darkroom_env: dict[str, Any])
     assert not get_storage().path(f"jobs/{first}").exists()  # type: ignore[union-attr]
 
 
-def test_a_token_runs_the_best_job_and_its_own_job_keeps_a_token(darkroom_env: dict[str, Any]) -> None:
+def test_a_token_runs_the_best_job_first_then_what_its_queue_still_holds(darkroom_env: dict[str, Any]) -> None:
     low = submit(priority=0, width=96)
     high = submit(priority=2, width=128)
-    assert tasks.run_job(low) == "succeeded"
-    assert load(high).status == "succeeded" and load(low).status == "queued"
-    assert tasks.run_job(high) == "succeeded"  # high's token, spare now, runs low
-    assert load(low).status == "succeeded"
+    assert tasks.run_job(low) == "succeeded"  # low's token runs high first, then low, in two calls
+    assert load(high).status == load(low).status == "succeeded"
+    assert load(high).started_at < load(low).started_at
+    assert tasks.run_job(high) == "skipped"  # high's token is spare now
+
+
+def test_the_next_batch_generates_while_the_last_one_is_stored(
+    darkroom_env: dict[str, Any], calls: list[list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = submit(width=96), submit(width=128)
+    events: list[str] = []
+    store = tasks.store_and_record
+    generate_spy = batching.generate_batch
+
+    def slow_store(computed: Any, settings: Any) -> Any:
+        events.append("store starts")
+        time.sleep(0.5)  # long enough for the second call to start and end meanwhile
+        events.append("store ends")
+        return store(computed, settings)
+
+    def generate(pipe: Any, requests: Any, *args: Any, **kwargs: Any) -> Any:
+        events.append(f"call {requests[0]['width']}")
+        return generate_spy(pipe, requests, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "store_and_record", slow_store)
+    monkeypatch.setattr(batching, "generate_batch", generate)
+    assert tasks.run_job(first) == "succeeded"
+    assert events[:3] == ["call 96", "store starts", "call 128"]  # the second call did not wait for the store
+    assert load(first).status == load(second).status == "succeeded"
 
 
 class FakeClock:
