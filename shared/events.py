@@ -141,12 +141,10 @@ def job_created(session: Session, job: Job) -> None:
     _position_after_commit(session, job)
 
 
-def job_transitioned(session: Session, job_id: str, status: str) -> None:
-    """Called by shared.jobs.transition after it won a move, in the same transaction (whose UPDATE ...
-    RETURNING has just refreshed the job in the session)."""
-    job = session.get(Job, job_id)
-    if job is None:
-        return
+def job_transitioned(session: Session, job: Job, status: str) -> None:
+    """Called by shared.jobs.transition after it won a move, in the same transaction, with the job as its
+    UPDATE ... RETURNING left it."""
+    job_id = job.id
     kind = EVENT_FOR_STATUS[status]
     _notify(session, job, kind)
     if status in ("queued", "running", "canceled", "failed"):  # the moves into and out of `queued`

@@ -58,17 +58,19 @@ def transition_many(
     to: str,
     where: Sequence[Any] = (),
     values: dict[str, Any] | None = None,
-) -> set[str]:
-    """`transition` for several jobs in one UPDATE (a batch's claim); returns the ids whose move this won."""
+) -> dict[str, Job]:
+    """`transition` for several jobs in one UPDATE (a batch's claim); returns the jobs whose move this won,
+    by id, fresh from the UPDATE."""
     sources = frozenset(from_)
     for source in sources:
         if to not in TRANSITIONS[source]:
             raise IllegalTransition(f"job status cannot go from {source!r} to {to!r}")
     if not job_ids:
-        return set()
+        return {}
     now = utcnow()
     # RETURNING the rows refreshes the session's copies of the jobs in the same round trip, so the event
-    # code below reads the new state without a SELECT of its own.
+    # code below and the caller read the new state without a SELECT of their own. Held here: the session's
+    # identity map keeps only weak references, and a copy nobody holds is read again by the next get().
     stmt = (
         update(Job)
         .where(Job.id.in_(job_ids), Job.status.in_(sorted(sources)), *where)
@@ -76,11 +78,11 @@ def transition_many(
         .returning(Job)
         .execution_options(synchronize_session=False, populate_existing=True)
     )
-    won = {job.id for job in session.execute(stmt).scalars()}
+    won = {job.id: job for job in session.execute(stmt).scalars()}
     for job_id in job_ids:
         if job_id in won:
             # Webhook outbox rows join this transaction; stream events and task sends wait for its commit.
-            events.job_transitioned(session, job_id, to)
+            events.job_transitioned(session, won[job_id], to)
     return won
 
 
@@ -137,8 +139,8 @@ def try_claim(session: Session, job_id: str, *, worker_id: str, lease_seconds: i
     return job_id in try_claim_many(session, [job_id], worker_id=worker_id, lease_seconds=lease_seconds)
 
 
-def try_claim_many(session: Session, job_ids: Sequence[str], *, worker_id: str, lease_seconds: int) -> set[str]:
-    """`try_claim` for several jobs in one statement; returns those this worker got."""
+def try_claim_many(session: Session, job_ids: Sequence[str], *, worker_id: str, lease_seconds: int) -> dict[str, Job]:
+    """`try_claim` for several jobs in one statement; returns those this worker got, by id."""
     now = utcnow()
     return transition_many(
         session,
@@ -277,13 +279,13 @@ def cancel_batch_jobs(session: Session, batch_id: str) -> list[str]:
         update(Job)
         .where(Job.batch_id == batch_id, Job.status.in_([QUEUED, RUNNING]))
         .values(status=CANCELED, updated_at=now, finished_at=now, lease_expires_at=None, outputs=None)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
     canceled = list(session.scalars(stmt).all())
-    for job_id in canceled:
-        events.job_transitioned(session, job_id, CANCELED)
-    return canceled
+    for job in canceled:
+        events.job_transitioned(session, job, CANCELED)
+    return [job.id for job in canceled]
 
 
 def expire_job(session: Session, job_id: str) -> bool:

@@ -167,6 +167,7 @@ def claim_jobs(
     (a job whose `num_images` does not fit is skipped, not waited for). Returns the claimed jobs in order.
     """
     claimed: list[str] = []
+    jobs: dict[str, Job] = {}
     passed: set[str] = set()  # held or taken by another claimer
     images = 0
     capped: set[str] | None = None  # tenants with a running cap whose lock this claim holds
@@ -219,6 +220,7 @@ def claim_jobs(
         # One UPDATE for all of them: a batch's claim costs one round trip, not one per job.
         ids = [cand.id for cand in wanted if cand.id in locked]
         won = try_claim_many(session, ids, worker_id=worker_id, lease_seconds=lease_seconds)
+        jobs.update(won)
         for cand in wanted:
             if cand.id in won:
                 claimed.append(cand.id)
@@ -227,10 +229,8 @@ def claim_jobs(
                 passed.add(cand.id)
         if len(locked) == len(wanted):
             break
-    if not claimed:
-        return []
-    # The claim's UPDATE ... RETURNING left each job, fresh, in the session: no SELECT needed.
-    return [session.get_one(Job, job_id) for job_id in claimed]
+    # As the claim's UPDATE ... RETURNING left them: no SELECT needed.
+    return [jobs[job_id] for job_id in claimed]
 
 
 def _free_slots(session: Session, caps: dict[str, int], locked: set[str]) -> dict[str, int]:
