@@ -226,6 +226,8 @@ class Computed:
 
 @dataclass
 class Stored:
+    """A batch done with: each job's outcome, and the tenants whose running slots it frees."""
+
     outcomes: dict[str, str]
     tenants: set[str]
 
@@ -321,8 +323,9 @@ def store_and_record(computed: Computed, settings: Settings) -> Stored:
     succeeded together. Runs on the store thread, under its own heartbeat, while the next batch generates."""
     outcomes = dict(computed.outcomes)
     finished = computed.finished
-    with Heartbeat({f.member.job_id: f.member.attempt for f in finished}, settings.lease_seconds):
-        outcomes.update(record_successes(finished, settings, outcomes))
+    if finished:
+        with Heartbeat({f.member.job_id: f.member.attempt for f in finished}, settings.lease_seconds):
+            outcomes.update(record_successes(finished, settings, outcomes))
     for member in computed.members:
         outcomes.setdefault(member.job_id, "stopped")
     return Stored(outcomes, computed.tenants)
