@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
@@ -47,11 +48,25 @@ _AHEAD = (
 def queue_position(session: Session, job: Job) -> int:
     """Queued jobs in the same queue that a worker takes before this one (priority desc, created_at, id):
     from the queue's position set (shared.positions), or counted where the set cannot tell."""
-    ahead = positions.ahead(job.queue, job.id, positions.score(job.priority, job.created_at))
-    if ahead is not None:
-        return ahead
+    return _place(session, job)[0]
+
+
+def _place(session: Session, job: Job) -> tuple[int, float | None]:
+    """The queued job's position and its model's average run time (None until measured), from one Redis
+    round trip; the position is counted in the database where Redis cannot tell."""
+    found, average = -1, None
+    try:
+        pipe = broker.get_redis().pipeline(transaction=False)
+        positions.ahead_in(pipe, job.queue, job.id, positions.score(job.priority, job.created_at))
+        pipe.get(_eta_key(job.model))
+        found, stored = pipe.execute()
+        average = float(stored) if stored is not None else None
+    except redis.RedisError:  # positions are counted below; an estimate is optional
+        pass
+    if found >= 0:
+        return int(found), average
     params = {"queue": job.queue, "priority": job.priority, "created_at": job.created_at, "id": job.id}
-    return int(session.scalar(_AHEAD, params) or 0)
+    return int(session.scalar(_AHEAD, params) or 0), average
 
 
 def _eta_key(model: str) -> str:
@@ -80,18 +95,9 @@ def record_run_seconds_many(runs: list[tuple[str, float]]) -> None:
     pipe.execute()
 
 
-def average_run_seconds(model: str) -> float | None:
-    try:
-        value = broker.get_redis().get(_eta_key(model))
-    except Exception:  # an estimate is optional; Redis trouble must not break reads
-        return None
-    return float(value) if value is not None else None
-
-
-def eta_seconds(session: Session, job: Job, position: int) -> int | None:
+def eta_seconds(session: Session, job: Job, position: int, average: float | None) -> int | None:
     """Seconds until the job should be done: the jobs ahead spread over the workers now running this
-    model, plus its own run. None until a worker has measured the model."""
-    average = average_run_seconds(job.model)
+    model, plus its own run, at the model's `average` run time (None until a worker has measured it)."""
     if average is None:
         return None
     running = session.scalar(
@@ -119,8 +125,8 @@ def job_view(session: Session | None, job: Job) -> dict[str, Any]:
     error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
     position = eta = None
     if job.status == "queued" and session is not None:
-        position = queue_position(session, job)
-        eta = eta_seconds(session, job, position)
+        position, average = _place(session, job)
+        eta = eta_seconds(session, job, position, average)
     webhook = {"url": job.webhook_url, "events": job.webhook_events or []} if job.webhook_url else None
     return {
         "id": job.id,

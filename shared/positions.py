@@ -54,13 +54,10 @@ def remove(pipe: redis.client.Pipeline, queue: str, job_id: str) -> None:
     pipe.zrem(key(queue), job_id)
 
 
-def ahead(queue: str, job_id: str, job_score: int) -> int | None:
-    """Queued jobs of `queue` taken before this one, or None when the set cannot tell."""
-    try:
-        found = int(broker.get_redis().eval(_AHEAD, 1, key(queue), job_score, job_id))
-    except redis.RedisError:
-        return None
-    return found if found >= 0 else None
+def ahead_in(pipe: redis.client.Pipeline, queue: str, job_id: str, job_score: int) -> None:
+    """Queued jobs of `queue` taken before this one, as a command in the caller's pipeline; its result is -1
+    where the set cannot tell (it is missing)."""
+    pipe.eval(_AHEAD, 1, key(queue), job_score, job_id)
 
 
 def sync(queued: dict[str, dict[str, int]]) -> tuple[int, int]:

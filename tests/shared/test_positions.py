@@ -36,7 +36,10 @@ def counted(job_id: str) -> int:
 def from_set(job_id: str) -> int | None:
     with session_scope() as session:
         job = get_job(session, job_id)
-        return positions.ahead(job.queue, job.id, positions.score(job.priority, job.created_at))
+        pipe = broker.get_redis().pipeline(transaction=False)
+        positions.ahead_in(pipe, job.queue, job.id, positions.score(job.priority, job.created_at))
+        (found,) = pipe.execute()
+        return int(found) if found >= 0 else None
 
 
 def shown(job_id: str) -> int:
