@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from shared import broker, limits
 from shared.broker import TASK_RUN_JOB
-from shared.db import retry_unit_of_work, session_scope
+from shared.db import DB_UNAVAILABLE, retry_unit_of_work, session_scope
 from shared.jobs import fail_job, hand_back, succeed_job
 from shared.registry import get_registry
 from shared.scheduling import claim_jobs, held_back_queues, queue_of
@@ -157,17 +157,29 @@ def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[lis
     if not batchable(leader, settings) or images >= settings.max_batch_images:
         return members, tenants
 
+    unavailable = False
+
     def claim_more(room: int) -> int:
-        with session_scope() as session:
-            more = claim_jobs(
-                session,
-                leader.queue,
-                worker_id=me,
-                lease_seconds=settings.lease_seconds,
-                max_jobs=room,
-                max_images=room,
-                key=leader.batch_key,
-            )
+        nonlocal unavailable
+        if unavailable:
+            return 0
+        try:
+            with session_scope() as session:
+                more = claim_jobs(
+                    session,
+                    leader.queue,
+                    worker_id=me,
+                    lease_seconds=settings.lease_seconds,
+                    max_jobs=room,
+                    max_images=room,
+                    key=leader.batch_key,
+                )
+        except DB_UNAVAILABLE as exc:
+            # Company is optional, and the jobs already claimed are ours to run: failing here would leave
+            # them `running` with nobody renewing their lease, to be redone after it lapses.
+            log.warning("gathering stopped: database unavailable (%s)", type(exc).__name__)
+            unavailable = True
+            return 0
         members.extend(member_of(job) for job in more)
         tenants.update(job.tenant_id for job in more)
         return sum(int(job.request["num_images"]) for job in more)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sqlalchemy.exc import OperationalError
 
 from shared import broker, events
 from shared.db import session_scope
@@ -346,3 +347,25 @@ def test_previews_can_be_turned_off(darkroom_env: dict[str, Any], monkeypatch: p
     assert tasks.run_job(job_id) == "succeeded"
     progress = stream_progress(job_id)
     assert [p["step"] for p in progress] == [1, 2, 3, 4] and not any("preview" in p for p in progress)
+
+
+def test_a_database_outage_while_gathering_runs_the_batch_already_claimed(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DARKROOM_BATCH_WINDOW_MS", "50")
+    reset_caches()
+    job_id = submit()
+    claims: list[str | None] = []
+    original = tasks.claim_jobs
+
+    def down_after_the_claim(session: Any, queue: str, **kwargs: Any) -> Any:
+        claims.append(kwargs.get("key"))
+        if len(claims) == 3:  # the leader and its company are claimed; then the database blinks
+            raise OperationalError("SELECT", {}, ConnectionRefusedError("database down"))
+        return original(session, queue, **kwargs)
+
+    monkeypatch.setattr(tasks, "claim_jobs", down_after_the_claim)
+    assert tasks.run_job(job_id) == "succeeded"
+    job = load(job_id)
+    assert job.status == "succeeded" and job.attempts == 1  # run now, not left for its lease to lapse
+    assert len(claims) == 4  # leader, company, one failed look for more, the loop's next claim: no retry storm
