@@ -103,6 +103,7 @@ def _stream_after_commit(session: Session, job_id: str, kind: str, data: dict[st
 
 
 def _xadd(pipe: Pipeline, job_id: str, kind: str, data: dict[str, Any], ttl: int) -> None:
+    """Add one event to the job's Redis stream (its entry id is the SSE event id)."""
     key = stream_key(job_id)
     pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
     pipe.expire(key, ttl)
@@ -120,11 +121,6 @@ def _position_after_commit(session: Session, job: Job) -> None:
 
 def stream_key(job_id: str) -> str:
     return f"{get_settings().redis_prefix}events:{job_id}"
-
-
-def append(job_id: str, kind: str, data: dict[str, Any]) -> None:
-    """Add one event to the job's Redis stream (its entry id is the SSE event id)."""
-    append_many([(job_id, kind, data)])
 
 
 def _notify(session: Session, job: Job, kind: str) -> None:
@@ -163,15 +159,6 @@ def job_transitioned(session: Session, job: Job, status: str) -> None:
     if status == "succeeded" and job.started_at is not None and job.finished_at is not None:
         seconds = (job.finished_at - job.started_at).total_seconds()
         _collect_after_commit(session, _RUN_SECONDS, (job.model, seconds), record_run_seconds_many)
-
-
-def append_many(entries: list[tuple[str, str, dict[str, Any]]]) -> None:
-    """`append` for several (job id, kind, data) events in one Redis round trip."""
-    ttl = get_settings().event_stream_ttl
-    pipe = broker.get_redis().pipeline(transaction=False)
-    for job_id, kind, data in entries:
-        _xadd(pipe, job_id, kind, data, ttl)
-    pipe.execute()
 
 
 def _progress_data(step: int, total: int, preview: str | None) -> dict[str, Any]:

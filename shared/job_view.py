@@ -45,15 +45,10 @@ _AHEAD = (
 )
 
 
-def queue_position(session: Session, job: Job) -> int:
-    """Queued jobs in the same queue that a worker takes before this one (priority desc, created_at, id):
-    from the queue's position set (shared.positions), or counted where the set cannot tell."""
-    return _place(session, job)[0]
-
-
 def _place(session: Session, job: Job) -> tuple[int, float | None]:
-    """The queued job's position and its model's average run time (None until measured), from one Redis
-    round trip; the position is counted in the database where Redis cannot tell."""
+    """The queued job's position, the jobs in its queue a worker takes before it (priority desc, created_at,
+    id), and its model's average run time (None until measured), from one Redis round trip: the position
+    from the queue's position set (shared.positions), or counted in the database where the set cannot tell."""
     found, average = -1, None
     try:
         pipe = broker.get_redis().pipeline(transaction=False)

@@ -135,16 +135,16 @@ def claim_batch(session: Any, queue: str, settings: Settings, me: str) -> list[J
     claimed = claim_jobs(session, queue, worker_id=me, lease_seconds=settings.lease_seconds)
     if claimed and batchable(claimed[0], settings):
         room = settings.max_batch_images - int(claimed[0].request["num_images"])
-        claimed += claim_jobs(
-            session,
-            queue,
-            worker_id=me,
-            lease_seconds=settings.lease_seconds,
-            max_jobs=room,
-            max_images=room,
-            key=claimed[0].batch_key,
-        )
+        claimed += claim_company(session, claimed[0], room, settings, me)
     return claimed
+
+
+def claim_company(session: Any, leader: Job, room: int, settings: Settings, me: str) -> list[Job]:
+    """Claim queued jobs that can share the leader's call, up to `room` images."""
+    lease = settings.lease_seconds
+    return claim_jobs(
+        session, leader.queue, worker_id=me, lease_seconds=lease, max_jobs=room, max_images=room, key=leader.batch_key
+    )
 
 
 def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[list[Member], set[str]]:
@@ -165,15 +165,7 @@ def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[lis
             return 0
         try:
             with session_scope() as session:
-                more = claim_jobs(
-                    session,
-                    leader.queue,
-                    worker_id=me,
-                    lease_seconds=settings.lease_seconds,
-                    max_jobs=room,
-                    max_images=room,
-                    key=leader.batch_key,
-                )
+                more = claim_company(session, leader, room, settings, me)
         except DB_UNAVAILABLE as exc:
             # Company is optional, and the jobs already claimed are ours to run: failing here would leave
             # them `running` with nobody renewing their lease, to be redone after it lapses.

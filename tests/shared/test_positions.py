@@ -9,7 +9,7 @@ import redis
 
 from shared import broker, positions
 from shared.db import session_scope
-from shared.job_view import _AHEAD, queue_position
+from shared.job_view import _AHEAD, job_view
 from shared.jobs import cancel_job, claim_job, create_job, get_job, hand_back
 from shared.reconciler import reconcile_once
 from shared.tenants import get_or_create_tenant
@@ -44,7 +44,7 @@ def from_set(job_id: str) -> int | None:
 
 def shown(job_id: str) -> int:
     with session_scope() as session:
-        return queue_position(session, get_job(session, job_id))
+        return int(job_view(session, get_job(session, job_id))["queue_position"])
 
 
 def queued(ids: list[str]) -> list[str]:

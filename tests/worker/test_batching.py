@@ -239,24 +239,24 @@ def test_the_next_batch_generates_while_the_last_one_is_stored(
     darkroom_env: dict[str, Any], calls: list[list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, second = submit(width=96), submit(width=128)
-    events: list[str] = []
+    order: list[str] = []
     store = tasks.store_and_record
     generate_spy = batching.generate_batch
 
     def slow_store(computed: Any, settings: Any) -> Any:
-        events.append("store starts")
+        order.append("store starts")
         time.sleep(0.5)  # long enough for the second call to start and end meanwhile
-        events.append("store ends")
+        order.append("store ends")
         return store(computed, settings)
 
     def generate(pipe: Any, requests: Any, *args: Any, **kwargs: Any) -> Any:
-        events.append(f"call {requests[0]['width']}")
+        order.append(f"call {requests[0]['width']}")
         return generate_spy(pipe, requests, *args, **kwargs)
 
     monkeypatch.setattr(tasks, "store_and_record", slow_store)
     monkeypatch.setattr(batching, "generate_batch", generate)
     assert tasks.run_job(first) == "succeeded"
-    assert events[:3] == ["call 96", "store starts", "call 128"]  # the second call did not wait for the store
+    assert order[:3] == ["call 96", "store starts", "call 128"]  # the second call did not wait for the store
     assert load(first).status == load(second).status == "succeeded"
 
 
