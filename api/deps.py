@@ -7,11 +7,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from api import aio_reads
 from shared import limits, logs
 from shared.db import read_scope, session_scope
 from shared.errors import Forbidden, Unauthorized
-from shared.tenants import authenticate, is_admin, tenant_name
+from shared.tenants import authenticate, cached_tenant_name, hash_key, is_admin, tenant_name
 
 # Our keys are about 50 characters; anything much longer is not one, and is refused before any lookup.
 MAX_KEY_LENGTH = 256
@@ -25,31 +27,67 @@ def get_session() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def authenticate_request(request: Request) -> str:
-    """The tenant of the request's API key (401 without a valid one); not counted against its rate."""
+def bearer_key(request: Request) -> str:
+    """The request's API key as sent (401 without one); not yet checked."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized(
             "missing API key: send `Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"}
         )
+    return key.strip()
+
+
+def invalid_key() -> Unauthorized:
     # The key is never echoed, in a message or a log: "invalid" says all the client needs.
-    tenant_id = None
-    if len(key) <= MAX_KEY_LENGTH:
-        with read_scope() as session:
-            tenant_id = authenticate(session, key.strip())
-    if tenant_id is None:
-        raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    return Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def admit(request: Request, tenant_id: str) -> str:
+    """Mark the request as the tenant's, for the access log and every log line after this."""
     request.state.tenant = tenant_id
     logs.tenant.set(tenant_id)
     return tenant_id
 
 
-def get_tenant(request: Request) -> str:
+def authenticate_request(request: Request) -> str:
+    """The tenant of the request's API key (401 without a valid one); not counted against its rate."""
+    key = bearer_key(request)
+    tenant_id = None
+    if len(key) <= MAX_KEY_LENGTH:
+        with read_scope() as session:
+            tenant_id = authenticate(session, key)
+    if tenant_id is None:
+        raise invalid_key()
+    return admit(request, tenant_id)
+
+
+async def get_tenant(request: Request) -> str:
     """The authenticated tenant, with this request counted against its rate limit (429 past it)."""
+    if not aio_reads.enabled():
+        return await run_in_threadpool(get_tenant_sync, request)
+    key = bearer_key(request)
+    tenant_id = await aio_reads.tenant_for(hash_key(key)) if len(key) <= MAX_KEY_LENGTH else None
+    if tenant_id is None:
+        raise invalid_key()
+    await check_rate(admit(request, tenant_id))
+    return tenant_id
+
+
+def get_tenant_sync(request: Request) -> str:
     tenant_id = authenticate_request(request)
     limits.check_rate(tenant_id, limits.limits_for(tenant_name(tenant_id)))
     return tenant_id
+
+
+async def check_rate(tenant_id: str) -> None:
+    """Count one request against the tenant's rate (429 past it), from the event loop."""
+    name = cached_tenant_name(tenant_id)
+    if name is None:
+        name = await run_in_threadpool(tenant_name, tenant_id)
+    tenant_limits = limits.limits_for(name)
+    if tenant_limits.rate_per_minute:
+        await run_in_threadpool(limits.check_rate, tenant_id, tenant_limits)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]

@@ -45,23 +45,46 @@ _AHEAD = (
 )
 
 
-def _place(session: Session, job: Job) -> tuple[int, float | None]:
+# (queue_position, eta_seconds) of a queued job.
+Place = tuple[int, int | None]
+
+
+def place_commands(pipe: Any, job: Job) -> None:
+    """Queue, on a sync or an asyncio Redis pipeline, the two commands `place_from` reads: the jobs of its queue
+    taken before this one (from the queue's position set, shared.positions; -1 where the set cannot tell)
+    and its model's average run time."""
+    positions.ahead_in(pipe, job.queue, job.id, positions.score(job.priority, job.created_at))
+    pipe.get(_eta_key(job.model))
+
+
+def place_from(answers: list[Any]) -> tuple[int, float | None]:
+    """(position, or -1 to count it in the database; average run seconds or None) from `place_commands`."""
+    found, stored = answers
+    return int(found), float(stored) if stored is not None else None
+
+
+def place_of(session: Session, job: Job) -> Place:
     """The queued job's position, the jobs in its queue a worker takes before it (priority desc, created_at,
-    id), and its model's average run time (None until measured), from one Redis round trip: the position
-    from the queue's position set (shared.positions), or counted in the database where the set cannot tell."""
+    id), and its ETA: one Redis round trip, plus the database where the position set cannot tell."""
     found, average = -1, None
     try:
         pipe = broker.get_redis().pipeline(transaction=False)
-        positions.ahead_in(pipe, job.queue, job.id, positions.score(job.priority, job.created_at))
-        pipe.get(_eta_key(job.model))
-        found, stored = pipe.execute()
-        average = float(stored) if stored is not None else None
+        place_commands(pipe, job)
+        found, average = place_from(pipe.execute())
     except redis.RedisError:  # positions are counted below; an estimate is optional
         pass
-    if found >= 0:
-        return int(found), average
-    params = {"queue": job.queue, "priority": job.priority, "created_at": job.created_at, "id": job.id}
-    return int(session.scalar(_AHEAD, params) or 0), average
+    if found < 0:
+        params = {"queue": job.queue, "priority": job.priority, "created_at": job.created_at, "id": job.id}
+        found = int(session.scalar(_AHEAD, params) or 0)
+    running = running_in(session, job.queue) if average is not None else 0
+    return found, eta_from(average, found, running)
+
+
+def running_in(session: Session, queue: str) -> int:
+    """Jobs of the queue running now: the workers an ETA spreads the jobs ahead over."""
+    return int(
+        session.scalar(select(func.count()).select_from(Job).where(Job.queue == queue, Job.status == "running")) or 0
+    )
 
 
 def _eta_key(model: str) -> str:
@@ -90,20 +113,17 @@ def record_run_seconds_many(runs: list[tuple[str, float]]) -> None:
     pipe.execute()
 
 
-def eta_seconds(session: Session, job: Job, position: int, average: float | None) -> int | None:
-    """Seconds until the job should be done: the jobs ahead spread over the workers now running this
-    model, plus its own run, at the model's `average` run time (None until a worker has measured it)."""
+def eta_from(average: float | None, position: int, running: int) -> int | None:
+    """Seconds until the job should be done: the jobs ahead spread over the workers now running its queue,
+    plus its own run, at the model's `average` run time (None until a worker has measured it)."""
     if average is None:
         return None
-    running = session.scalar(
-        select(func.count()).select_from(Job).where(Job.queue == job.queue, Job.status == "running")
-    )
-    parallel = max(1, int(running or 0))
-    return round(average * (position / parallel + 1))
+    return round(average * (position / max(1, running) + 1))
 
 
-def job_view(session: Session | None, job: Job) -> dict[str, Any]:
-    """The JSON-ready dict of `JobRead`. With a session, a queued job also gets its position and ETA."""
+def job_view(session: Session | None, job: Job, *, place: Place | None = None) -> dict[str, Any]:
+    """The JSON-ready dict of `JobRead`. A queued job also gets its position and ETA: `place` where the caller
+    has them, else read here where there is a session."""
     storage = get_storage()
     outputs = [
         {
@@ -119,9 +139,11 @@ def job_view(session: Session | None, job: Job) -> dict[str, Any]:
         progress = {"step": job.progress_step or 0, "total": job.progress_total}
     error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
     position = eta = None
-    if job.status == "queued" and session is not None:
-        position, average = _place(session, job)
-        eta = eta_seconds(session, job, position, average)
+    if job.status == "queued":
+        if place is None and session is not None:
+            place = place_of(session, job)
+        if place is not None:
+            position, eta = place
     webhook = {"url": job.webhook_url, "events": job.webhook_events or []} if job.webhook_url else None
     return {
         "id": job.id,

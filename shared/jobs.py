@@ -11,12 +11,12 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, inspect, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared import events, positions
+from shared import broker, events, positions
 from shared.errors import Conflict, IllegalTransition, NotFound
-from shared.tables import Job, utcnow
+from shared.tables import Job, new_id, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 # A finished job whose objects retention (or DELETE /v1/jobs/{id}) removed; its record stays.
@@ -86,8 +86,7 @@ def transition_many(
     return won
 
 
-def create_job(
-    session: Session,
+def new_job(
     *,
     tenant_id: str,
     model: str,
@@ -102,9 +101,10 @@ def create_job(
     batch_id: str | None = None,
     batch_index: int | None = None,
 ) -> Job:
+    """A queued job, not yet in any session: `create_job` or `insert_jobs` writes it."""
     now = utcnow()
-    job = Job(
-        **({"id": job_id} if job_id else {}),
+    return Job(
+        id=job_id or new_id(),
         tenant_id=tenant_id,
         status=QUEUED,
         model=model,
@@ -117,13 +117,40 @@ def create_job(
         client_metadata=metadata,
         webhook_url=webhook_url,
         webhook_events=webhook_events,
+        attempts=0,
         created_at=now,
         updated_at=now,
     )
+
+
+def create_job(session: Session, **fields: Any) -> Job:
+    """Insert a new queued job (the fields of `new_job`) in the session's transaction."""
+    job = new_job(**fields)
     session.add(job)
     session.flush()
     events.job_created(session, job)
     return job
+
+
+_COLUMN_KEYS = frozenset(attr.key for attr in Job.__mapper__.column_attrs)
+
+
+def insert_jobs(session: Session, new: list[Job]) -> None:
+    """Insert jobs made by `new_job` with one statement, outside the identity map: many submits committed
+    together (api.group_commit) cost one round trip instead of a unit-of-work flush each."""
+    # The attributes `new_job` set, as a unit-of-work flush would write them (an unset JSON column stays SQL
+    # NULL, one set to None is JSON null).
+    rows = [{k: v for k, v in inspect(job).dict.items() if k in _COLUMN_KEYS} for job in new]
+    session.execute(insert(Job), rows)
+    for job in new:
+        events.job_created(session, job)
+
+
+def publish_after_commit(session: Session, job: Job) -> None:
+    """Send the job's run message once the transaction commits, in the round trip of its stream event. If
+    Redis is down then, the job is still durable: the reconciler publishes it once Redis is back."""
+    job_id, queue = job.id, job.queue
+    events.in_pipeline_after_commit(session, lambda pipe: broker.publish_in(pipe, job_id, queue))
 
 
 def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job:

@@ -52,6 +52,11 @@ def authenticate(session: Session, key: str) -> str | None:
 _names: dict[str, str] = {}
 
 
+def cached_tenant_name(tenant_id: str) -> str | None:
+    """The name if this process has looked it up already (no I/O: callable from the event loop)."""
+    return _names.get(tenant_id)
+
+
 def tenant_name(tenant_id: str) -> str:
     name = _names.get(tenant_id)
     if name is None:

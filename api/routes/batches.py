@@ -15,10 +15,10 @@ from api.errors import responses
 from api.generation import store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.pagination import decode_cursor, encode_cursor
-from api.routes.jobs import PreparedJob, insert_job, prepare_job, publish_after_commit
+from api.routes.jobs import PreparedJob, job_fields, prepare_job
 from api.routes.webhooks import deliveries_read
 from api.schemas import JobCreate, WebhookDeliveryList
-from shared import batches, broker, idempotency, limits
+from shared import batches, broker, idempotency, jobs, limits
 from shared.batch_view import batch_view
 from shared.db import session_scope
 from shared.errors import DarkroomError, InvalidRequest
@@ -113,7 +113,7 @@ def _submit(body: BatchCreate, tenant_id: str, key: str | None) -> tuple[BatchRe
                 session, tenant_id=tenant_id, total=len(prepared), webhook_url=body.webhook_url, metadata=body.metadata
             )
             created = [
-                insert_job(session, job, tenant_id, job_id, batch_id=batch.id, batch_index=i)
+                jobs.create_job(session, **job_fields(job, tenant_id, job_id, batch_id=batch.id, batch_index=i))
                 for i, (job_id, job) in enumerate(zip(job_ids, prepared, strict=True))
             ]
             limits.check_queued(session, tenant_id, tenant_limits, adding=len(created))
@@ -123,7 +123,7 @@ def _submit(body: BatchCreate, tenant_id: str, key: str | None) -> tuple[BatchRe
             # 4. Published after the commit, with the jobs' stream events; the reconciler publishes whatever
             # Redis missed.
             for made in created:
-                publish_after_commit(session, made.id, made.queue)
+                jobs.publish_after_commit(session, made)
     except BaseException:
         limits.refund_images(tenant_id, tenant_limits, charged)
         idempotency.release_after_failure(tenant_id, key)

@@ -7,18 +7,18 @@ import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api import live
+from api import aio_reads, deps, group_commit, live
 from api.deps import SessionDep, TenantDep
 from api.errors import responses
 from api.generation import Inputs, read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 from api.pagination import decode_cursor, encode_cursor
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
-from shared import broker, events, idempotency, jobs, limits, retention
+from shared import broker, idempotency, jobs, limits, retention
 from shared.db import read_scope, session_scope
 from shared.job_view import job_view
 from shared.policy import check_prompt, policy_for
@@ -27,7 +27,7 @@ from shared.scheduling import batch_key
 from shared.settings import get_settings
 from shared.storage import get_storage
 from shared.tables import Job, new_id
-from shared.tenants import tenant_name
+from shared.tenants import cached_tenant_name, hash_key, tenant_name
 from shared.webhooks import validate_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -76,38 +76,81 @@ def prepare_job(body: JobCreate, tenant_id: str) -> PreparedJob:
     return PreparedJob(body, spec, request, inputs, tenant_limits)
 
 
-def insert_job(
-    session: Session,
-    prepared: PreparedJob,
-    tenant_id: str,
-    job_id: str,
-    *,
-    batch_id: str | None = None,
-    batch_index: int | None = None,
-) -> Job:
-    """Insert a prepared job (its inputs already stored under `job_id`) in the caller's transaction."""
+def job_fields(
+    prepared: PreparedJob, tenant_id: str, job_id: str, *, batch_id: str | None = None, batch_index: int | None = None
+) -> dict[str, Any]:
+    """The fields of `shared.jobs.new_job` for a prepared job (its inputs already stored under `job_id`)."""
     body, request = prepared.body, prepared.request
-    return jobs.create_job(
-        session,
-        job_id=job_id,
-        tenant_id=tenant_id,
-        model=prepared.spec.name,
-        queue=broker.queue_for_model(prepared.spec.name),
-        request=request,
-        metadata=body.metadata,
-        webhook_url=body.webhook_url,
-        webhook_events=list(body.webhook_events) if body.webhook_events else None,
-        batch_key=batch_key(request),
-        batch_id=batch_id,
-        batch_index=batch_index,
-        priority=limits.PRIORITIES[body.priority],
-    )
+    return {
+        "job_id": job_id,
+        "tenant_id": tenant_id,
+        "model": prepared.spec.name,
+        "queue": broker.queue_for_model(prepared.spec.name),
+        "request": request,
+        "metadata": body.metadata,
+        "webhook_url": body.webhook_url,
+        "webhook_events": list(body.webhook_events) if body.webhook_events else None,
+        "batch_key": batch_key(request),
+        "batch_id": batch_id,
+        "batch_index": batch_index,
+        "priority": limits.PRIORITIES[body.priority],
+    }
 
 
-def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, bool]:
+@dataclass
+class Staged:
+    """A submit ready for a group commit: validated, its images charged, its inputs stored."""
+
+    job: Job
+    limits: limits.TenantLimits
+    charged: int
+
+
+def _stage(body: JobCreate, tenant_id: str, prepared: PreparedJob | None = None) -> Staged | PreparedJob:
+    """Everything a submit does before its insert; a tenant with a queued-jobs limit gets its prepared job
+    back instead: that limit is counted under a per-tenant lock after each insert, one submit at a time."""
+    if prepared is None:
+        prepared = prepare_job(body, tenant_id)
+    if prepared.limits.max_queued:
+        return prepared
+    charged = limits.charge_images(tenant_id, prepared.limits, body.num_images)
+    try:
+        job_id = new_id()
+        store_inputs(get_storage(), job_id, prepared.inputs, prepared.request)
+        return Staged(jobs.new_job(**job_fields(prepared, tenant_id, job_id)), prepared.limits, charged)
+    except BaseException:
+        limits.refund_images(tenant_id, prepared.limits, charged)
+        raise
+
+
+async def _submit_grouped(body: JobCreate, tenant_id: str) -> JobRead:
+    staged: Staged | PreparedJob
+    if body.image is None and body.mask is None and body.webhook_url is None and cached_tenant_name(tenant_id):
+        # No image to fetch or decode, no webhook host to resolve, a tenant this process knows: validating is
+        # CPU only, done here rather than after a hop to a worker thread. An images quota is charged in Redis.
+        prepared = prepare_job(body, tenant_id)
+        if prepared.limits.images_per_period:
+            staged = await run_in_threadpool(_stage, body, tenant_id, prepared)
+        else:
+            staged = _stage(body, tenant_id, prepared)
+    else:
+        staged = await run_in_threadpool(_stage, body, tenant_id)
+    if isinstance(staged, PreparedJob):
+        return (await run_in_threadpool(_submit, body, tenant_id, None, staged))[0]
+    try:
+        return await group_commit.commit(staged.job)
+    except Exception:
+        await run_in_threadpool(limits.refund_images, tenant_id, staged.limits, staged.charged)
+        raise
+
+
+def _submit(
+    body: JobCreate, tenant_id: str, key: str | None, prepared: PreparedJob | None = None
+) -> tuple[JobRead, bool]:
     """Create and publish the job, or find the one this idempotency key made. Returns (job, replayed)."""
     # 1. Validate everything first: an invalid request does not use up its idempotency key.
-    prepared = prepare_job(body, tenant_id)
+    if prepared is None:
+        prepared = prepare_job(body, tenant_id)
     # 2. Claim the key, or replay what its first request created.
     if key is not None:
         fingerprint = idempotency.fingerprint("POST", "/v1/jobs", body.model_dump(mode="json", exclude_unset=True))
@@ -124,25 +167,20 @@ def _submit(body: JobCreate, tenant_id: str, key: str | None) -> tuple[JobRead, 
         job_id = new_id()
         store_inputs(get_storage(), job_id, prepared.inputs, prepared.request)
         with session_scope() as session:
-            job = insert_job(session, prepared, tenant_id, job_id)
+            job = jobs.create_job(session, **job_fields(prepared, tenant_id, job_id))
             limits.check_queued(session, tenant_id, prepared.limits)
             if key is not None:
                 idempotency.complete(session, tenant_id, key, status=202, body=None, job_id=job.id)
             # Rendered inside the creating transaction: once it commits, the answer is a 202 whatever the
             # database does next, so a client is never told "refused" about a job that exists.
             created = to_read(job, session)
-            # 4. Published only after the commit, in the round trip of its stream event. If Redis is down the
-            # job is still durable: the reconciler publishes it once Redis is back; the client keeps its 202.
-            publish_after_commit(session, job.id, job.queue)
+            # 4. Published only after the commit; if Redis is down then, the client keeps its 202.
+            jobs.publish_after_commit(session, job)
     except BaseException:
         limits.refund_images(tenant_id, prepared.limits, charged)
         idempotency.release_after_failure(tenant_id, key)
         raise
     return created, False
-
-
-def publish_after_commit(session: Session, job_id: str, queue: str) -> None:
-    events.in_pipeline_after_commit(session, lambda pipe: broker.publish_in(pipe, job_id, queue))
 
 
 PREFER_DESCRIPTION = (
@@ -167,23 +205,30 @@ PREFER_DESCRIPTION = (
 async def create_job(
     body: JobCreate,
     tenant_id: TenantDep,
-    response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
     prefer: Annotated[str | None, Header(alias="Prefer", description=PREFER_DESCRIPTION, examples=["wait=30"])] = None,
-) -> JobRead:
+) -> Response:
     """Submit a job; it is queued at once and runs on the next free worker for its model."""
-    job, replayed = await run_in_threadpool(_submit, body, tenant_id, idempotency_key)
+    if idempotency_key is None:
+        job, replayed = await _submit_grouped(body, tenant_id), False
+    else:
+        job, replayed = await run_in_threadpool(_submit, body, tenant_id, idempotency_key)
+    headers = {}
     wait = live.prefer_wait(prefer)
     if wait is not None:
         await live.wait_for_terminal(job.id, wait)
-        response.headers["Preference-Applied"] = f"wait={wait}"
+        headers["Preference-Applied"] = f"wait={wait}"
         with contextlib.suppress(Exception):  # the job exists: a failed re-read still answers with it
             job = await run_in_threadpool(_read, job.id, tenant_id)
     if replayed:
-        response.headers[REPLAYED_HEADER] = "true"
-    if replayed or (wait is not None and job.status in jobs.TERMINAL):
-        response.status_code = 200
-    return job
+        headers[REPLAYED_HEADER] = "true"
+    status = 200 if replayed or (wait is not None and job.status in jobs.TERMINAL) else 202
+    return _json(job, status, headers)
+
+
+def _json(job: JobRead, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    # Rendered here rather than by FastAPI, which would validate the model a second time.
+    return Response(job.model_dump_json(), status, headers, media_type="application/json")
 
 
 @router.get("", response_model=JobList, responses=responses(401, 422))
@@ -207,19 +252,45 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobRead, responses=responses(401, 404, 422))
 async def get_job(
+    request: Request,
     job_id: str,
-    tenant_id: TenantDep,
     wait: Annotated[
         int,
         Query(ge=0, le=live.MAX_WAIT, description="Long poll: answer once the job ends, or after this many seconds."),
     ] = 0,
-) -> JobRead:
+) -> Response:
     """One job with its status, progress and, once succeeded, its output URLs."""
-    job = await run_in_threadpool(_read, job_id, tenant_id)
+    job = await _poll(request, job_id, metered=True)
     if wait and job.status not in jobs.TERMINAL:
         await live.wait_for_terminal(job_id, wait)
-        job = await run_in_threadpool(_read, job_id, tenant_id)
-    return job
+        job = await _poll(request, job_id, metered=False)
+    return _json(job)
+
+
+async def _poll(request: Request, job_id: str, *, metered: bool) -> JobRead:
+    """The job for the request's key (401, 404), counted against the tenant's rate if `metered` (429)."""
+    if not aio_reads.enabled():
+        return await run_in_threadpool(_poll_sync, request, job_id, metered)
+    key = deps.bearer_key(request)
+    found = await aio_reads.find(job_id, hash_key(key)) if len(key) <= deps.MAX_KEY_LENGTH else None
+    if found is None:
+        raise deps.invalid_key()
+    tenant_id = deps.admit(request, found.tenant_id)
+    if metered:
+        await deps.check_rate(tenant_id)
+    if found.job is None:
+        raise aio_reads.not_found(job_id)
+    place = None
+    if found.job.status == "queued":
+        place = await aio_reads.place(found)
+        if place is None:  # Redis cannot tell: count the jobs ahead in the database
+            return await run_in_threadpool(_read, job_id, tenant_id)
+    return JobRead.model_validate(job_view(None, found.job, place=place))
+
+
+def _poll_sync(request: Request, job_id: str, metered: bool) -> JobRead:
+    tenant_id = deps.get_tenant_sync(request) if metered else deps.authenticate_request(request)
+    return _read(job_id, tenant_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead, responses=responses(401, 404, 409))

@@ -100,6 +100,18 @@ def test_the_request_rate_refuses_with_retry_after_and_usage_shows_it(
     assert 'darkroom_rate_limit_refusals_total{limit="requests"} 2.0' in metrics
 
 
+def test_polls_of_a_job_count_against_the_rate_and_are_refused_before_any_lookup(
+    limited: TestClient, make_key: Callable[[str], dict[str, str]]
+) -> None:
+    chatty = make_key("chatty")
+    job_id = submit(limited, chatty).json()["id"]
+    polls = [limited.get(f"/v1/jobs/{job_id}", headers=chatty) for _ in range(3)]
+    assert [p.status_code for p in polls] == [200, 200, 200]
+    assert polls[-1].json()["queue_position"] == 0
+    refused = limited.get("/v1/jobs/no-such-job", headers=chatty)  # the fifth request: 429 comes before 404
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+
+
 def test_the_queued_jobs_limit_frees_up_as_jobs_leave_the_queue(
     limited: TestClient, make_key: Callable[[str], dict[str, str]]
 ) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from shared import broker, positions
 from shared.job_view import record_run_seconds
 
 
@@ -23,6 +24,9 @@ def test_queued_jobs_show_their_position_and_an_eta_once_measured(api: TestClien
     api.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth)
     assert api.get(f"/v1/jobs/{ids[2]}", headers=auth).json()["queue_position"] == 1
     assert api.get(f"/v1/jobs/{ids[0]}", headers=auth).json()["queue_position"] is None
+    # Without the queue's position set (Redis lost it) the position is counted in the database.
+    broker.get_redis().delete(positions.key("model.tiny-sd"))
+    assert api.get(f"/v1/jobs/{ids[2]}", headers=auth).json()["queue_position"] == 1
 
 
 def test_a_long_poll_answers_when_the_job_ends(api: TestClient, auth: dict[str, str]) -> None:

@@ -102,7 +102,10 @@ def test_revoked_key_fails_at_once(api: TestClient) -> None:
     with session_scope() as session:
         key = create_key(session, "acme")
     headers = {"Authorization": f"Bearer {key}"}
-    assert api.get("/v1/jobs", headers=headers).status_code == 200
+    job_id = api.post("/v1/jobs", json={"prompt": "p"}, headers=headers).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 200
     with session_scope() as session:
         assert revoke_key(session, key)
     assert api.get("/v1/jobs", headers=headers).status_code == 401
+    refused = api.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"

@@ -1,0 +1,86 @@
+"""Submits committed together (api.group_commit), on real Redis and both databases: each job is inserted,
+published and placed in line as if it had been submitted alone, and one bad job does not sink the others."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from api import group_commit
+from api.routes.jobs import job_fields, prepare_job
+from api.schemas import JobCreate, JobRead
+from shared import jobs
+from shared.db import session_scope
+from shared.tables import Job, new_id
+from shared.tenants import get_or_create_tenant
+from tests.api.test_jobs import queued_messages
+
+
+def new_jobs(tenant_id: str, prompts: list[str]) -> list[Job]:
+    made = []
+    for prompt in prompts:
+        prepared = prepare_job(JobCreate(prompt=prompt, metadata={"prompt": prompt}), tenant_id)
+        made.append(jobs.new_job(**job_fields(prepared, tenant_id, new_id())))
+    return made
+
+
+def commit_together(made: list[Job], monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], list[int]]:
+    """Commit the jobs from one event loop at once; returns the outcomes and the size of each group run."""
+    groups: list[int] = []
+    real = group_commit._commit_group
+
+    def counted(new: list[Job]) -> list[JobRead | Exception]:
+        groups.append(len(new))
+        return real(new)
+
+    monkeypatch.setattr(group_commit, "_commit_group", counted)
+
+    async def submit_all() -> list[Any]:
+        # gather starts every commit before the group's drain task first runs: they make one group.
+        return await asyncio.gather(*(group_commit.commit(job) for job in made), return_exceptions=True)
+
+    return asyncio.run(submit_all()), groups
+
+
+@pytest.fixture
+def tenant_id(darkroom_env: dict[str, Any]) -> str:
+    with session_scope() as session:
+        return get_or_create_tenant(session, "acme").id
+
+
+def test_jobs_committed_together_are_each_stored_published_and_placed(
+    tenant_id: str, darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = [f"a lighthouse, take {i}" for i in range(5)]
+    made = new_jobs(tenant_id, prompts)
+    views, groups = commit_together(made, monkeypatch)
+    assert groups == [5]
+    assert [v.id for v in views] == [job.id for job in made]
+    assert [v.queue_position for v in views] == [0, 1, 2, 3, 4]
+    assert [v.metadata for v in views] == [{"prompt": p} for p in prompts]
+    with session_scope() as session:
+        stored = {job.id: job for job in session.scalars(select(Job).where(Job.tenant_id == tenant_id))}
+    assert {job_id: (job.status, job.request["prompt"]) for job_id, job in stored.items()} == {
+        job.id: ("queued", prompt) for job, prompt in zip(made, prompts, strict=True)
+    }
+    assert stored[made[0].id].outputs is None  # never set: SQL NULL, as a unit-of-work insert leaves it
+    assert sorted(queued_messages(darkroom_env["DARKROOM_REDIS_PREFIX"])) == sorted(job.id for job in made)
+
+
+def test_a_job_that_breaks_its_group_fails_alone(
+    tenant_id: str, darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = new_jobs(tenant_id, ["first", "orphan", "third"])
+    made[1].tenant_id = "no-such-tenant"  # its insert breaks the tenants foreign key
+    outcomes, groups = commit_together(made, monkeypatch)
+    assert groups[0] == 3  # tried together, then one by one
+    assert isinstance(outcomes[0], JobRead) and isinstance(outcomes[2], JobRead)
+    assert isinstance(outcomes[1], IntegrityError)
+    with session_scope() as session:
+        stored = set(session.scalars(select(Job.id)))
+    assert stored == {made[0].id, made[2].id}
+    assert sorted(queued_messages(darkroom_env["DARKROOM_REDIS_PREFIX"])) == sorted([made[0].id, made[2].id])
