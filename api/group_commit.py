@@ -13,6 +13,7 @@ one by one. A database that is down fails them all (503), as it would have one b
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 
 import redis
@@ -25,6 +26,8 @@ from shared import broker, jobs
 from shared.db import read_scope, session_scope
 from shared.job_view import Place, eta_from, job_view, place_commands, place_from, place_of, running_in
 from shared.tables import Job
+
+log = logging.getLogger("darkroom.api")
 
 MAX_GROUP = 64
 # The database is unreachable: every job of the group would fail alone too.
@@ -87,9 +90,14 @@ def _commit_group(new: list[Job]) -> list[JobRead | Exception]:
         if len(new) == 1:
             return [exc]
         return [outcome for job in new for outcome in _commit_group([job])]
-    return [
-        JobRead.model_validate(job_view(None, job, place=place)) for job, place in zip(new, _places(new), strict=True)
-    ]
+    places: list[Place | None]
+    try:
+        places = list(_places(new))
+    except Exception as exc:
+        # Committed: each answer is a 202 whatever happens now, if need be without a place in line.
+        log.warning("queue positions of %d new jobs unavailable: %s", len(new), type(exc).__name__)
+        places = [None] * len(new)
+    return [JobRead.model_validate(job_view(None, job, place=place)) for job, place in zip(new, places, strict=True)]
 
 
 def _places(new: list[Job]) -> list[Place]:

@@ -84,3 +84,17 @@ def test_a_job_that_breaks_its_group_fails_alone(
         stored = set(session.scalars(select(Job.id)))
     assert stored == {made[0].id, made[2].id}
     assert sorted(queued_messages(darkroom_env["DARKROOM_REDIS_PREFIX"])) == sorted([made[0].id, made[2].id])
+
+
+def test_jobs_committed_are_answered_even_when_their_place_in_line_cannot_be_read(
+    tenant_id: str, darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable(new: list[Job]) -> list[Any]:
+        raise OSError("the database went away just after the commit")
+
+    monkeypatch.setattr(group_commit, "_places", unreachable)
+    made = new_jobs(tenant_id, ["first", "second"])
+    views, _ = commit_together(made, monkeypatch)
+    assert [(v.id, v.status, v.queue_position) for v in views] == [(job.id, "queued", None) for job in made]
+    with session_scope() as session:
+        assert set(session.scalars(select(Job.id))) == {job.id for job in made}
