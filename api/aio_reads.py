@@ -80,7 +80,9 @@ async def _get_clients() -> _Clients:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             _conninfo(),
             min_size=1,
-            max_size=settings.db_pool_size,
+            # Its queries are single statements of a millisecond or less: half the sync pool is plenty, and
+            # keeps a process's connections (both pools at their peak) well inside PostgreSQL's 100.
+            max_size=max(2, settings.db_pool_size // 2),
             timeout=settings.db_pool_timeout,
             kwargs={"autocommit": True, "connect_timeout": 3, "row_factory": namedtuple_row},
             open=False,
