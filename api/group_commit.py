@@ -52,6 +52,9 @@ async def commit(job: Job) -> JobRead:
     if queue is None:
         queue = _queues[loop] = _Queue()
     future: asyncio.Future[JobRead] = loop.create_future()
+    # Its outcome is read here, or by nobody when the client hung up: mark an error seen either way, so that
+    # asyncio does not log it as never retrieved (the request's own log already says what happened).
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
     queue.pending.append((job, future))
     if queue.task is None:
         queue.task = loop.create_task(_drain(queue))
