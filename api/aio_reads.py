@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
 from shared.errors import NotFound
-from shared.job_view import Place, eta_from, place_commands, place_from
+from shared.job_view import place_commands, place_from
 from shared.settings import get_settings
 from shared.tables import ApiKey, Job
 
@@ -141,18 +141,15 @@ async def find(job_id: str, key_hash: str) -> Found | None:
     return Found(row.key_tenant, row if row.id is not None else None, int(row.running or 0))
 
 
-async def place(found: Found) -> Place | None:
-    """A queued job's (queue_position, eta_seconds); None where Redis cannot tell and the database must count."""
-    job = cast(Job, found.job)
+async def place(found: Found) -> tuple[int, float | None]:
+    """A queued job's (position, average run seconds) from one Redis round trip; the position is -1 where
+    Redis cannot tell (it failed, or the queue's set is missing) and the database must count."""
     try:
         pipe = (await _get_clients()).redis.pipeline(transaction=False)
-        place_commands(pipe, job)
-        position, average = place_from(await pipe.execute())
+        place_commands(pipe, cast(Job, found.job))
+        return place_from(await pipe.execute())
     except (RedisError, OSError):
-        return None
-    if position < 0:
-        return None
-    return position, eta_from(average, position, found.running)
+        return -1, None
 
 
 def not_found(job_id: str) -> NotFound:

@@ -122,7 +122,7 @@ def _places(new: list[Job]) -> list[Place]:
         places: list[Place] = []
         for job, (position, average) in zip(new, found, strict=True):
             if position < 0:
-                places.append(place_of(session, job))
+                places.append(place_of(session, job, asked=(position, average)))
                 continue
             if average is not None and job.queue not in running:
                 running[job.queue] = running_in(session, job.queue)

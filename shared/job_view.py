@@ -63,16 +63,18 @@ def place_from(answers: list[Any]) -> tuple[int, float | None]:
     return int(found), float(stored) if stored is not None else None
 
 
-def place_of(session: Session, job: Job) -> Place:
+def place_of(session: Session, job: Job, *, asked: tuple[int, float | None] | None = None) -> Place:
     """The queued job's position, the jobs in its queue a worker takes before it (priority desc, created_at,
-    id), and its ETA: one Redis round trip, plus the database where the position set cannot tell."""
-    found, average = -1, None
-    try:
-        pipe = broker.get_redis().pipeline(transaction=False)
-        place_commands(pipe, job)
-        found, average = place_from(pipe.execute())
-    except redis.RedisError:  # positions are counted below; an estimate is optional
-        pass
+    id), and its ETA: one Redis round trip, plus the database where the position set cannot tell. `asked`:
+    what the caller's own round trip answered ((-1, None) if Redis failed), so Redis is not asked again."""
+    found, average = asked or (-1, None)
+    if asked is None:
+        try:
+            pipe = broker.get_redis().pipeline(transaction=False)
+            place_commands(pipe, job)
+            found, average = place_from(pipe.execute())
+        except redis.RedisError:  # positions are counted below; an estimate is optional
+            pass
     if found < 0:
         params = {"queue": job.queue, "priority": job.priority, "created_at": job.created_at, "id": job.id}
         found = int(session.scalar(_AHEAD, params) or 0)

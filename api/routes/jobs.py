@@ -20,7 +20,7 @@ from api.pagination import decode_cursor, encode_cursor
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
 from shared import broker, idempotency, jobs, limits, retention
 from shared.db import read_scope, session_scope
-from shared.job_view import job_view
+from shared.job_view import eta_from, job_view, place_of
 from shared.policy import check_prompt, policy_for
 from shared.registry import ModelSpec, get_registry
 from shared.scheduling import batch_key
@@ -282,10 +282,16 @@ async def _poll(request: Request, job_id: str, *, metered: bool) -> JobRead:
         raise aio_reads.not_found(job_id)
     place = None
     if found.job.status == "queued":
-        place = await aio_reads.place(found)
-        if place is None:  # Redis cannot tell: count the jobs ahead in the database
-            return await run_in_threadpool(_read, job_id, tenant_id)
+        position, average = await aio_reads.place(found)
+        if position < 0:  # Redis cannot tell: the jobs ahead are counted in the database
+            return await run_in_threadpool(_read_counted, found.job, (position, average))
+        place = position, eta_from(average, position, found.running)
     return JobRead.model_validate(job_view(None, found.job, place=place))
+
+
+def _read_counted(job: Job, asked: tuple[int, float | None]) -> JobRead:
+    with read_scope() as session:
+        return JobRead.model_validate(job_view(None, job, place=place_of(session, job, asked=asked)))
 
 
 def _poll_sync(request: Request, job_id: str, metered: bool) -> JobRead:
