@@ -38,6 +38,13 @@ def bearer_key(request: Request) -> str:
     return key.strip()
 
 
+def key_hash(request: Request) -> str | None:
+    """What to look the request's key up by (401 without a key); None for a key too long to be one of ours,
+    refused without a lookup."""
+    key = bearer_key(request)
+    return hash_key(key) if len(key) <= MAX_KEY_LENGTH else None
+
+
 def invalid_key() -> Unauthorized:
     # The key is never echoed, in a message or a log: "invalid" says all the client needs.
     return Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
@@ -66,8 +73,8 @@ async def get_tenant(request: Request) -> str:
     """The authenticated tenant, with this request counted against its rate limit (429 past it)."""
     if not aio_reads.enabled():
         return await run_in_threadpool(get_tenant_sync, request)
-    key = bearer_key(request)
-    tenant_id = await aio_reads.tenant_for(hash_key(key)) if len(key) <= MAX_KEY_LENGTH else None
+    digest = key_hash(request)
+    tenant_id = await aio_reads.tenant_for(digest) if digest else None
     if tenant_id is None:
         raise invalid_key()
     await check_rate(admit(request, tenant_id))

@@ -27,7 +27,7 @@ from shared.scheduling import batch_key
 from shared.settings import get_settings
 from shared.storage import get_storage
 from shared.tables import Job, new_id
-from shared.tenants import cached_tenant_name, hash_key, tenant_name
+from shared.tenants import cached_tenant_name, tenant_name
 from shared.webhooks import validate_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -271,8 +271,8 @@ async def _poll(request: Request, job_id: str, *, metered: bool) -> JobRead:
     """The job for the request's key (401, 404), counted against the tenant's rate if `metered` (429)."""
     if not aio_reads.enabled():
         return await run_in_threadpool(_poll_sync, request, job_id, metered)
-    key = deps.bearer_key(request)
-    found = await aio_reads.find(job_id, hash_key(key)) if len(key) <= deps.MAX_KEY_LENGTH else None
+    digest = deps.key_hash(request)
+    found = await aio_reads.find(job_id, digest) if digest else None
     if found is None:
         raise deps.invalid_key()
     tenant_id = deps.admit(request, found.tenant_id)
