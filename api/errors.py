@@ -93,6 +93,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(psycopg.OperationalError)
     @app.exception_handler(psycopg_pool.PoolTimeout)
     @app.exception_handler(InterfaceError)
+    @app.exception_handler(psycopg.InterfaceError)
     async def _database(_: Request, exc: Exception) -> JSONResponse:
         # The database is down or overloaded: tell clients to come back rather than hang or 500.
         log.warning("database unavailable: %s", type(exc).__name__)

@@ -8,6 +8,11 @@ commits at once: grouping adds no wait, only company when there is a queue.
 
 A group that fails for a reason of one of its jobs is not the others' problem: its jobs are then committed
 one by one. A database that is down fails them all (503), as it would have one by one.
+
+On PostgreSQL the group commits on the event loop, through the asyncio clients of api.aio_reads: one
+multi-row INSERT (a statement is its own transaction), then one Redis pipeline carrying every job's run
+message, stream event and position, and the reads of its place in line. A worker thread and SQLAlchemy's
+unit of work cost more than the statement itself there. SQLite keeps the thread.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ import asyncio
 import logging
 import weakref
 
+import psycopg
+import psycopg_pool
 import redis
+from psycopg.types.json import Json
+from sqlalchemy import JSON
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
+from api import aio_reads
 from api.schemas import JobRead
-from shared import broker, jobs
+from shared import broker, events, jobs
 from shared.db import read_scope, session_scope
 from shared.job_view import Place, eta_from, job_view, place_commands, place_from, place_of, running_in
 from shared.tables import Job
@@ -32,6 +42,7 @@ log = logging.getLogger("darkroom.api")
 MAX_GROUP = 64
 # The database is unreachable: every job of the group would fail alone too.
 _UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+_UNAVAILABLE_ASYNC = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
 
 
 class _Queue:
@@ -66,8 +77,12 @@ async def _drain(queue: _Queue) -> None:
     try:
         while queue.pending:
             taken, queue.pending = queue.pending[:MAX_GROUP], queue.pending[MAX_GROUP:]
+            group = [job for job, _ in taken]
             try:
-                outcomes = await run_in_threadpool(_commit_group, [job for job, _ in taken])
+                if aio_reads.enabled():
+                    outcomes = await _commit_group_async(group)
+                else:
+                    outcomes = await run_in_threadpool(_commit_group, group)
             except Exception as exc:
                 outcomes = [exc] * len(taken)
             for (_, future), outcome in zip(taken, outcomes, strict=True):
@@ -117,6 +132,11 @@ def _places(new: list[Job]) -> list[Place]:
     found: list[tuple[int, float | None]] = [place_from(answers[2 * i : 2 * i + 2]) for i in range(len(new))]
     if all(position >= 0 and average is None for position, average in found):
         return [(position, None) for position, _ in found]
+    return _places_in_database(new, found)
+
+
+def _places_in_database(new: list[Job], found: list[tuple[int, float | None]]) -> list[Place]:
+    """`_places` once Redis has answered `found` for each job: what it could not tell, from the database."""
     with read_scope() as session:
         running: dict[str, int] = {}
         places: list[Place] = []
@@ -128,3 +148,61 @@ def _places(new: list[Job]) -> list[Place]:
                 running[job.queue] = running_in(session, job.queue)
             places.append((position, eta_from(average, position, running.get(job.queue, 0))))
         return places
+
+
+# Attribute name -> column name, and the JSON columns, whose values psycopg must be told are JSON.
+_COLUMNS = {attr.key: attr.columns[0].name for attr in Job.__mapper__.column_attrs}
+_JSON_KEYS = frozenset(attr.key for attr in Job.__mapper__.column_attrs if isinstance(attr.columns[0].type, JSON))
+
+
+async def _commit_group_async(new: list[Job]) -> list[JobRead | Exception]:
+    rows = [jobs.insert_values(job) for job in new]
+    keys = list(rows[0])
+    if any(list(row) != keys for row in rows):  # not from new_job alike: the general path
+        return await run_in_threadpool(_commit_group, new)
+    columns = ", ".join(f'"{_COLUMNS[key]}"' for key in keys)
+    values = ", ".join(["(" + ", ".join(["%s"] * len(keys)) + ")"] * len(rows))
+    params = [Json(row[key]) if key in _JSON_KEYS else row[key] for row in rows for key in keys]
+    try:
+        await aio_reads.execute(f"INSERT INTO {Job.__tablename__} ({columns}) VALUES {values}", params)
+    except _UNAVAILABLE_ASYNC:
+        raise
+    except Exception as exc:
+        if len(new) == 1:
+            return [exc]
+        return [outcome for job in new for outcome in await _commit_group_async([job])]
+    places: list[Place | None]
+    try:
+        places = list(await _publish_and_place(new))
+    except Exception as exc:
+        log.warning("queue positions of %d new jobs unavailable: %s", len(new), type(exc).__name__)
+        places = [None] * len(new)
+    return [JobRead.model_validate(job_view(None, job, place=place)) for job, place in zip(new, places, strict=True)]
+
+
+async def _publish_and_place(new: list[Job]) -> list[Place]:
+    """After the commit, in one Redis round trip: each job's stream event, place in the position set and run
+    message (as `jobs.create_job` and `jobs.publish_after_commit` send them), then each one's place in line.
+    If Redis fails here the jobs are still durable: the reconciler publishes them once it is back."""
+    try:
+        pipe = (await aio_reads.clients()).redis.pipeline(transaction=False)
+        for job in new:
+            events.created_in(pipe, job)
+            broker.publish_in(pipe, job.id, job.queue)
+        for job in new:
+            place_commands(pipe, job)
+        answers = (await pipe.execute())[-2 * len(new) :]
+    except (redis.RedisError, OSError) as exc:
+        log.warning("post-commit publish of %d jobs failed: %s", len(new), type(exc).__name__)
+        answers = [-1, None] * len(new)
+    found = [place_from(answers[2 * i : 2 * i + 2]) for i in range(len(new))]
+    if any(position < 0 for position, _ in found):  # Redis could not tell: counted in the database
+        return await run_in_threadpool(_places_in_database, new, found)
+    running: dict[str, int] = {}
+    for job, (_, average) in zip(new, found, strict=True):
+        if average is not None and job.queue not in running:
+            running[job.queue] = await aio_reads.running_in(job.queue)
+    return [
+        (position, eta_from(average, position, running.get(job.queue, 0)))
+        for job, (position, average) in zip(new, found, strict=True)
+    ]

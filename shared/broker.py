@@ -12,6 +12,7 @@ import json
 import socket
 import uuid
 from functools import lru_cache
+from typing import Any
 
 import redis
 from celery import Celery
@@ -80,8 +81,9 @@ def publish_job(job_id: str, queue: str) -> None:
     pipe.execute()
 
 
-def publish_in(pipe: redis.client.Pipeline, job_id: str, queue: str) -> None:
-    """`publish_job` as commands in the caller's pipeline: the message, and the marker that it was sent."""
+def publish_in(pipe: Any, job_id: str, queue: str) -> None:
+    """`publish_job` as commands in the caller's pipeline (sync or asyncio): the message, and the marker that
+    it was sent."""
     settings = get_settings()
     pipe.lpush(f"{settings.redis_prefix}{queue}", run_message(job_id, queue, settings))
     pipe.set(_key("published", job_id), 1, ex=PUBLISHED_MARKER_TTL)

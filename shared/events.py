@@ -132,6 +132,13 @@ def _notify(session: Session, job: Job, kind: str) -> None:
         after_commit(session, lambda: webhooks.publish_delivery(delivery_id))
 
 
+def created_in(pipe: Any, job: Job) -> None:
+    """What `job_created` sends after the commit, as commands in the caller's pipeline (sync or asyncio), for
+    a job inserted outside any session (api.group_commit on PostgreSQL)."""
+    _xadd(pipe, job.id, "queued", {"status": "queued"}, get_settings().event_stream_ttl)
+    positions.add(pipe, job.queue, job.id, positions.score(job.priority, job.created_at))
+
+
 def job_created(session: Session, job: Job) -> None:
     _stream_after_commit(session, job.id, "queued", {"status": "queued"})
     _position_after_commit(session, job)

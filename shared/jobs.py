@@ -135,13 +135,16 @@ def create_job(session: Session, **fields: Any) -> Job:
 _COLUMN_KEYS = frozenset(attr.key for attr in Job.__mapper__.column_attrs)
 
 
+def insert_values(job: Job) -> dict[str, Any]:
+    """The columns a job made by `new_job` sets, by attribute name, as a unit-of-work flush would write them:
+    an unset JSON column stays SQL NULL, one set to None is JSON null."""
+    return {k: v for k, v in inspect(job).dict.items() if k in _COLUMN_KEYS}
+
+
 def insert_jobs(session: Session, new: list[Job]) -> None:
     """Insert jobs made by `new_job` with one statement, outside the identity map: many submits committed
     together (api.group_commit) cost one round trip instead of a unit-of-work flush each."""
-    # The attributes `new_job` set, as a unit-of-work flush would write them (an unset JSON column stays SQL
-    # NULL, one set to None is JSON null).
-    rows = [{k: v for k, v in inspect(job).dict.items() if k in _COLUMN_KEYS} for job in new]
-    session.execute(insert(Job), rows)
+    session.execute(insert(Job), [insert_values(job) for job in new])
     for job in new:
         events.job_created(session, job)
 

@@ -4,8 +4,10 @@ published and placed in line as if it had been submitted alone, and one bad job 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -13,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from api import group_commit
 from api.routes.jobs import job_fields, prepare_job
 from api.schemas import JobCreate, JobRead
-from shared import jobs
+from shared import broker, events, jobs
 from shared.db import session_scope
 from shared.tables import Job, new_id
 from shared.tenants import get_or_create_tenant
@@ -31,13 +33,18 @@ def new_jobs(tenant_id: str, prompts: list[str]) -> list[Job]:
 def commit_together(made: list[Job], monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], list[int]]:
     """Commit the jobs from one event loop at once; returns the outcomes and the size of each group run."""
     groups: list[int] = []
-    real = group_commit._commit_group
+    real, real_async = group_commit._commit_group, group_commit._commit_group_async
 
     def counted(new: list[Job]) -> list[JobRead | Exception]:
         groups.append(len(new))
         return real(new)
 
+    async def counted_async(new: list[Job]) -> list[JobRead | Exception]:  # PostgreSQL's path
+        groups.append(len(new))
+        return await real_async(new)
+
     monkeypatch.setattr(group_commit, "_commit_group", counted)
+    monkeypatch.setattr(group_commit, "_commit_group_async", counted_async)
 
     async def submit_all() -> list[Any]:
         # gather starts every commit before the group's drain task first runs: they make one group.
@@ -69,6 +76,10 @@ def test_jobs_committed_together_are_each_stored_published_and_placed(
     }
     assert stored[made[0].id].outputs is None  # never set: SQL NULL, as a unit-of-work insert leaves it
     assert sorted(queued_messages(darkroom_env["DARKROOM_REDIS_PREFIX"])) == sorted(job.id for job in made)
+    # Each job's live stream starts with its `queued` event, as a job submitted alone does.
+    for job in made:
+        first = broker.get_redis().xrange(events.stream_key(job.id))[0][1]
+        assert (first[b"type"], json.loads(first[b"data"])) == (b"queued", {"status": "queued"})
 
 
 def test_a_job_that_breaks_its_group_fails_alone(
@@ -79,7 +90,7 @@ def test_a_job_that_breaks_its_group_fails_alone(
     outcomes, groups = commit_together(made, monkeypatch)
     assert groups[0] == 3  # tried together, then one by one
     assert isinstance(outcomes[0], JobRead) and isinstance(outcomes[2], JobRead)
-    assert isinstance(outcomes[1], IntegrityError)
+    assert isinstance(outcomes[1], IntegrityError | psycopg.IntegrityError)
     with session_scope() as session:
         stored = set(session.scalars(select(Job.id)))
     assert stored == {made[0].id, made[2].id}
@@ -92,7 +103,11 @@ def test_jobs_committed_are_answered_even_when_their_place_in_line_cannot_be_rea
     def unreachable(new: list[Job]) -> list[Any]:
         raise OSError("the database went away just after the commit")
 
+    async def unreachable_async(new: list[Job]) -> list[Any]:
+        raise OSError("the database went away just after the commit")
+
     monkeypatch.setattr(group_commit, "_places", unreachable)
+    monkeypatch.setattr(group_commit, "_publish_and_place", unreachable_async)
     made = new_jobs(tenant_id, ["first", "second"])
     views, _ = commit_together(made, monkeypatch)
     assert [(v.id, v.status, v.queue_position) for v in views] == [(job.id, "queued", None) for job in made]
