@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, inspect, or_, select, update
+from sqlalchemy import JSON, and_, case, func, insert, inspect, literal, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from shared import broker, events, positions
@@ -169,7 +169,9 @@ def try_claim(session: Session, job_id: str, *, worker_id: str, lease_seconds: i
     return job_id in try_claim_many(session, [job_id], worker_id=worker_id, lease_seconds=lease_seconds)
 
 
-def try_claim_many(session: Session, job_ids: Sequence[str], *, worker_id: str, lease_seconds: int) -> dict[str, Job]:
+def try_claim_many(
+    session: Session, job_ids: Sequence[str], *, worker_id: str, lease_seconds: int, where: Sequence[Any] = ()
+) -> dict[str, Job]:
     """`try_claim` for several jobs in one statement; returns those this worker got, by id."""
     now = utcnow()
     return transition_many(
@@ -177,6 +179,7 @@ def try_claim_many(session: Session, job_ids: Sequence[str], *, worker_id: str, 
         job_ids,
         from_=[QUEUED],
         to=RUNNING,
+        where=where,
         values={
             "attempts": Job.attempts + 1,
             "worker_id": worker_id,
@@ -250,6 +253,26 @@ def succeed_job(session: Session, job_id: str, *, attempt: int, outputs: list[di
         where=_owned(job_id, attempt),
         values={"outputs": outputs, "finished_at": utcnow(), "lease_expires_at": None},
     )
+
+
+def succeed_jobs(session: Session, done: dict[str, tuple[int, list[dict[str, Any]]]]) -> set[str]:
+    """`succeed_job` for a batch's jobs (job id -> (attempt, outputs)) in one UPDATE, each with its own
+    outputs; returns the ids this worker still owned. One statement, not one per job: recording a batch
+    runs beside the next batch's call, whose Python it slows for as long as it holds the GIL."""
+    if not done:
+        return set()
+    outputs = case(
+        {job_id: literal(outs, JSON()) for job_id, (_, outs) in done.items()}, value=Job.id, else_=Job.outputs
+    )
+    won = transition_many(
+        session,
+        list(done),
+        from_=[RUNNING],
+        to=SUCCEEDED,
+        where=[tuple_(Job.id, Job.attempts).in_([(job_id, attempt) for job_id, (attempt, _) in done.items()])],
+        values={"outputs": outputs, "finished_at": utcnow(), "lease_expires_at": None},
+    )
+    return set(won)
 
 
 def fail_job(session: Session, job_id: str, *, attempt: int | None, code: str, message: str) -> bool:

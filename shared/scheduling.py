@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from shared import limits
@@ -126,29 +126,24 @@ def _candidates(session: Session, queue: str, key: str | None, per_tenant: int) 
 
 
 def _load(session: Session, queue: str, tenants: set[str]) -> tuple[dict[str, int], dict[str, datetime]]:
-    running: dict[str, int] = dict(
-        session.execute(
-            select(Job.tenant_id, func.count())
-            .where(Job.queue == queue, Job.status == RUNNING, Job.tenant_id.in_(sorted(tenants)))
-            .group_by(Job.tenant_id)
-        ).all()
-    )
+    """Each tenant's jobs running in `queue`, and when its latest job there started (within SERVED_MEMORY):
+    one statement, since a claim runs between two pipeline calls."""
     since = utcnow() - SERVED_MEMORY
-    # updated_at >= started_at always, so the (status, updated_at) index bounds this to recent jobs.
-    served: dict[str, datetime | None] = dict(
-        session.execute(
-            select(Job.tenant_id, func.max(Job.started_at))
-            .where(
-                Job.status.in_(sorted({RUNNING, *TERMINAL})),
-                Job.updated_at >= since,
-                Job.started_at >= since,
-                Job.queue == queue,
-                Job.tenant_id.in_(sorted(tenants)),
-            )
-            .group_by(Job.tenant_id)
-        ).all()
-    )
-    return running, {t: (s if s.tzinfo else s.replace(tzinfo=UTC)) for t, s in served.items() if s is not None}
+    recent = and_(Job.started_at >= since, Job.status.in_(sorted({RUNNING, *TERMINAL})))
+    rows = session.execute(
+        select(Job.tenant_id, func.count().filter(Job.status == RUNNING), func.max(Job.started_at).filter(recent))
+        # updated_at >= started_at always, so the (status, updated_at) index bounds the finished ones to
+        # recent jobs.
+        .where(
+            Job.queue == queue,
+            Job.tenant_id.in_(sorted(tenants)),
+            or_(Job.status == RUNNING, and_(recent, Job.updated_at >= since)),
+        )
+        .group_by(Job.tenant_id)
+    ).all()
+    running = {tenant: count for tenant, count, _ in rows if count}
+    served = {t: (s if s.tzinfo else s.replace(tzinfo=UTC)) for t, _, s in rows if s is not None}
+    return running, served
 
 
 def claim_jobs(
@@ -208,18 +203,16 @@ def claim_jobs(
                     slots[cand.tenant_id] -= 1
         if not wanted:
             break
-        # Lock exactly the rows this claim takes: a row locked and then left queued would make a
-        # concurrent claimer skip it, and spend its token on nothing.
-        locked = set(
-            session.scalars(
-                select(Job.id)
-                .where(Job.id.in_([c.id for c in wanted]), Job.status == QUEUED)
-                .with_for_update(skip_locked=True)
-            )
+        # One UPDATE for all of them, of exactly the rows it can lock now: a row locked and then left
+        # queued would make a concurrent claimer skip it, and spend its token on nothing.
+        free = select(Job.id).where(Job.id.in_([c.id for c in wanted]), Job.status == QUEUED)
+        won = try_claim_many(
+            session,
+            [c.id for c in wanted],
+            worker_id=worker_id,
+            lease_seconds=lease_seconds,
+            where=[Job.id.in_(free.with_for_update(skip_locked=True).scalar_subquery())],
         )
-        # One UPDATE for all of them: a batch's claim costs one round trip, not one per job.
-        ids = [cand.id for cand in wanted if cand.id in locked]
-        won = try_claim_many(session, ids, worker_id=worker_id, lease_seconds=lease_seconds)
         jobs.update(won)
         for cand in wanted:
             if cand.id in won:
@@ -227,7 +220,7 @@ def claim_jobs(
                 images += cand.images
             else:
                 passed.add(cand.id)
-        if len(locked) == len(wanted):
+        if len(won) == len(wanted):
             break
     # As the claim's UPDATE ... RETURNING left them: no SELECT needed.
     return [jobs[job_id] for job_id in claimed]

@@ -34,6 +34,8 @@ class _State:
         self.started = time.time()
         self.current_job: str | None = None
         self.outcomes: Counter[str] = Counter()
+        # Counted by the generating thread (a task's error) and by the store thread (a batch's outcomes).
+        self.counting = threading.Lock()
         self.stop_requested = threading.Event()
 
 
@@ -91,16 +93,15 @@ def job_started(job_id: str) -> None:
 def job_ended(job_id: str, outcome: str | None) -> None:
     state.current_job = None
     if outcome is None:
-        state.outcomes["error"] += 1
+        with state.counting:
+            state.outcomes["error"] += 1
 
 
 def record_outcomes(outcomes: dict[str, str]) -> None:
     """Count each job a task ran (a batch runs several) and record the metrics of those that ended."""
-    ended = []
-    for job_id, outcome in outcomes.items():
-        state.outcomes[outcome] += 1
-        if outcome in ("succeeded", "failed"):
-            ended.append(job_id)
+    with state.counting:
+        state.outcomes.update(outcomes.values())
+    ended = [job_id for job_id, outcome in outcomes.items() if outcome in ("succeeded", "failed")]
     if ended:
         try:
             _record_metrics(ended)

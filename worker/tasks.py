@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from shared import broker, limits
 from shared.broker import TASK_RUN_JOB
 from shared.db import DB_UNAVAILABLE, retry_unit_of_work, session_scope
-from shared.jobs import fail_job, hand_back, succeed_job
+from shared.jobs import fail_job, hand_back, succeed_jobs
 from shared.registry import get_registry
 from shared.scheduling import claim_jobs, held_back_queues, queue_of
 from shared.settings import Settings, get_settings
@@ -182,8 +182,8 @@ def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[lis
 
 
 def settle(stored: Stored) -> dict[str, str]:
-    """Account for a stored batch: the worker's counters, and held-back queues its freed slots can wake."""
-    status.record_outcomes(stored.outcomes)
+    """Account for a stored batch on the generating thread: the held-back queues its freed slots can wake.
+    (Its counters and metrics were recorded on the store thread, off the path between two calls.)"""
     wake_held_back(stored.tenants, len(stored.outcomes))
     return stored.outcomes
 
@@ -332,6 +332,7 @@ def store_and_record(computed: Computed, settings: Settings) -> Stored:
             outcomes.update(record_successes(finished, settings, outcomes))
     for member in computed.members:
         outcomes.setdefault(member.job_id, "stopped")
+    status.record_outcomes(outcomes)
     return Stored(outcomes, computed.tenants)
 
 
@@ -359,12 +360,8 @@ def record_successes(finished: list[Finished], settings: Settings, outcomes: dic
             uploaded.append(member)
 
     def write(session: Any) -> dict[str, str]:
-        return {
-            m.job_id: "succeeded"
-            if succeed_job(session, m.job_id, attempt=m.attempt, outputs=outputs[m.job_id])
-            else "discarded"
-            for m in uploaded
-        }
+        won = succeed_jobs(session, {m.job_id: (m.attempt, outputs[m.job_id]) for m in uploaded})
+        return {m.job_id: "succeeded" if m.job_id in won else "discarded" for m in uploaded}
 
     recorded = retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="results of a batch")
     for job_id, outcome in recorded.items():

@@ -24,6 +24,7 @@ from shared.jobs import (
     hand_back,
     list_jobs,
     succeed_job,
+    succeed_jobs,
     transition,
 )
 from shared.tables import Job, utcnow
@@ -104,6 +105,24 @@ def test_a_stale_attempt_cannot_finish_the_job(new_job: Callable[..., str]) -> N
     job = read(job_id)
     assert (job.status, job.outputs) == (SUCCEEDED, OUTPUTS)
     assert job.finished_at is not None and job.lease_expires_at is None
+
+
+def test_a_batch_succeeds_in_one_go_each_job_with_its_own_outputs(new_job: Callable[..., str]) -> None:
+    first, second, taken_over = new_job(), new_job(), new_job()
+    claimed = {job_id: claim(job_id) for job_id in (first, second, taken_over)}
+    stale = claimed[taken_over]
+    assert stale is not None
+    with session_scope() as session:  # another worker took this one over: its attempt moved on
+        session.execute(update(Job).where(Job.id == taken_over).values(attempts=stale.attempts + 1))
+    outputs = {job_id: [{"key": f"jobs/{job_id}/0.png", "content_type": "image/png"}] for job_id in claimed}
+
+    with session_scope() as session:
+        won = succeed_jobs(session, {job_id: (job.attempts, outputs[job_id]) for job_id, job in claimed.items() if job})
+    assert won == {first, second}
+    for job_id in (first, second):
+        job = read(job_id)
+        assert (job.status, job.outputs, job.lease_expires_at) == (SUCCEEDED, outputs[job_id], None)
+    assert (read(taken_over).status, read(taken_over).outputs) == (RUNNING, None)
 
 
 def test_cancel_a_queued_job(tenants: tuple[str, str], new_job: Callable[..., str]) -> None:
