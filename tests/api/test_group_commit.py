@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api import group_commit
+from api import aio_reads, group_commit
 from api.routes.jobs import job_fields, prepare_job
 from api.schemas import JobCreate, JobRead
 from shared import broker, events, jobs
@@ -47,8 +47,13 @@ def commit_together(made: list[Job], monkeypatch: pytest.MonkeyPatch) -> tuple[l
     monkeypatch.setattr(group_commit, "_commit_group_async", counted_async)
 
     async def submit_all() -> list[Any]:
-        # gather starts every commit before the group's drain task first runs: they make one group.
-        return await asyncio.gather(*(group_commit.commit(job) for job in made), return_exceptions=True)
+        try:
+            # gather starts every commit before the group's drain task first runs: they make one group.
+            return await asyncio.gather(*(group_commit.commit(job) for job in made), return_exceptions=True)
+        finally:
+            # As the API's shutdown does: a pool left open has tasks still connecting when the loop ends,
+            # and cancelling those could hang asyncio.run's exit.
+            await aio_reads.close()
 
     return asyncio.run(submit_all()), groups
 
