@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
 from shared.errors import NotFound
-from shared.job_view import place_commands, place_from
+from shared.job_view import place_commands, places_from
 from shared.settings import get_settings
 from shared.tables import ApiKey, Job
 
@@ -229,7 +229,7 @@ async def _places_of(queued: list[Any]) -> list[tuple[int, float | None]]:
         answers = await pipe.execute()
     except (RedisError, OSError):
         return [(-1, None)] * len(queued)
-    return [place_from(answers[2 * i : 2 * i + 2]) for i in range(len(queued))]
+    return places_from(answers, len(queued))
 
 
 async def tenant_for(key_hash: str) -> str | None:

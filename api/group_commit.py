@@ -34,7 +34,7 @@ from api import aio_reads
 from api.schemas import JobRead
 from shared import broker, events, jobs
 from shared.db import read_scope, session_scope
-from shared.job_view import Place, eta_from, job_view, place_commands, place_from, place_of, running_in
+from shared.job_view import Place, eta_from, job_view, place_commands, place_of, places_from, running_in
 from shared.tables import Job
 
 log = logging.getLogger("darkroom.api")
@@ -129,7 +129,7 @@ def _places(new: list[Job]) -> list[Place]:
         answers = pipe.execute()
     except redis.RedisError:
         answers = [-1, None] * len(new)
-    found: list[tuple[int, float | None]] = [place_from(answers[2 * i : 2 * i + 2]) for i in range(len(new))]
+    found = places_from(answers, len(new))
     if all(position >= 0 and average is None for position, average in found):
         return [(position, None) for position, _ in found]
     return _places_in_database(new, found)
@@ -191,11 +191,11 @@ async def _publish_and_place(new: list[Job]) -> list[Place]:
             broker.publish_in(pipe, job.id, job.queue)
         for job in new:
             place_commands(pipe, job)
-        answers = (await pipe.execute())[-2 * len(new) :]
+        answers = await pipe.execute()
     except (redis.RedisError, OSError) as exc:
         log.warning("post-commit publish of %d jobs failed: %s", len(new), type(exc).__name__)
         answers = [-1, None] * len(new)
-    found = [place_from(answers[2 * i : 2 * i + 2]) for i in range(len(new))]
+    found = places_from(answers, len(new))
     if any(position < 0 for position, _ in found):  # Redis could not tell: counted in the database
         return await run_in_threadpool(_places_in_database, new, found)
     running: dict[str, int] = {}

@@ -63,6 +63,12 @@ def place_from(answers: list[Any]) -> tuple[int, float | None]:
     return int(found), float(stored) if stored is not None else None
 
 
+def places_from(answers: list[Any], count: int) -> list[tuple[int, float | None]]:
+    """`place_from` for each of `count` jobs whose `place_commands` ended a pipeline's `answers`, in order."""
+    tail = answers[len(answers) - 2 * count :]
+    return [place_from(tail[2 * i : 2 * i + 2]) for i in range(count)]
+
+
 def place_of(session: Session, job: Job, *, asked: tuple[int, float | None] | None = None) -> Place:
     """The queued job's position, the jobs in its queue a worker takes before it (priority desc, created_at,
     id), and its ETA: one Redis round trip, plus the database where the position set cannot tell. `asked`:

@@ -245,14 +245,7 @@ def record_progress_many(
 
 def succeed_job(session: Session, job_id: str, *, attempt: int, outputs: list[dict[str, Any]]) -> bool:
     # Outputs are written in the same UPDATE as the status, so no reader ever sees a partial list.
-    return transition(
-        session,
-        job_id,
-        from_=[RUNNING],
-        to=SUCCEEDED,
-        where=_owned(job_id, attempt),
-        values={"outputs": outputs, "finished_at": utcnow(), "lease_expires_at": None},
-    )
+    return job_id in succeed_jobs(session, {job_id: (attempt, outputs)})
 
 
 def succeed_jobs(session: Session, done: dict[str, tuple[int, list[dict[str, Any]]]]) -> set[str]:
