@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from shared.settings import Settings
 from worker.upscale import is_upscaler
+
+if TYPE_CHECKING:  # torch loads where it is used: a pool process sets the compile cache before importing it
+    import torch
 
 log = logging.getLogger("darkroom.worker")
 
@@ -54,6 +55,8 @@ def configure_compile_cache(settings: Settings) -> None:
 
 def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     """Apply the device's execution options to a freshly loaded pipeline (already on `device`)."""
+    import torch
+
     if device.type != "cuda":
         return pipe
     for name in ("unet", "vae"):
@@ -70,6 +73,8 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
 
 def warm(pipe: Any, shapes: list[tuple[int, int, int]]) -> None:
     """Compile every configured shape now (two steps each), not in the middle of somebody's job."""
+    import torch
+
     for width, height, batch in shapes:
         log.info("compiling shape %dx%d x%d", width, height, batch)
         with torch.inference_mode():

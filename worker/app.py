@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any
 
 from celery.exceptions import TimeLimitExceeded
@@ -20,11 +23,12 @@ from celery.signals import (
 from shared import broker, db, logs, reconciler
 from shared.broker import TASK_RUN_JOB
 from shared.settings import get_settings
-from worker import failures, status, tasks, webhooks
+from worker import failures, job_task, status, webhooks
 from worker.acceleration import configure_compile_cache
 
 app = broker.get_celery()
-tasks.register(app)
+# Nothing here imports torch: see worker/job_task.py.
+job_task.register(app)
 webhooks.register(app)
 _stop_reconciler = None
 log = logging.getLogger("darkroom.worker")
@@ -45,12 +49,21 @@ def _fresh_connections(**_: object) -> None:
     # Before anything imports torch's inductor, so compiled shapes come from (and go to) the lasting cache.
     settings = get_settings()
     configure_compile_cache(settings)
-    if settings.torch_threads:
+    if settings.torch_threads:  # here: OpenMP's thread count belongs to the thread that sets it, this one
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    # The pipeline code (torch, diffusers: seconds to import) loads beside the pool process's start rather
+    # than in it, since Celery kills a pool process that is not up within 4 s; a first job waits for it.
+    threading.Thread(target=_load_pipeline_code, name="preload", daemon=True).start()
     logs.worker.set(status.worker_id())
     status.start_reporting()
+
+
+def _load_pipeline_code() -> None:
+    start = time.monotonic()
+    importlib.import_module("worker.tasks")
+    log.info("pipeline code loaded in %.1f s", time.monotonic() - start)
 
 
 @worker_ready.connect

@@ -12,7 +12,6 @@ import json
 import logging
 from typing import Any
 
-import torch
 from celery import current_task
 
 from shared import broker
@@ -23,7 +22,13 @@ from shared.settings import Settings, get_settings
 log = logging.getLogger("darkroom.worker")
 
 
+# torch is imported where it is used: Celery's main process imports this module for its hard-time-limit
+# hook and must never load torch (see worker/app.py).
+
+
 def free_accelerator_memory() -> None:
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -31,6 +36,8 @@ def free_accelerator_memory() -> None:
 
 def describe(exc: BaseException) -> tuple[str, str]:
     """(error code, message) for a job whose generation raised `exc`."""
+    import torch
+
     if isinstance(exc, torch.OutOfMemoryError):
         free_accelerator_memory()
         return "out_of_memory", "the GPU ran out of memory; try a smaller size or fewer images"

@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import torch
 from sqlalchemy import select
 
 from shared import metrics, workers
@@ -64,6 +63,8 @@ def snapshot() -> dict[str, Any]:
         "jobs": dict(state.outcomes),
         "stopping": state.stop_requested.is_set(),
     }
+    import torch  # here, not at the top: Celery's main process imports this module (see worker/app.py)
+
     if torch.cuda.is_available():
         report["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated()
         report["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved()

@@ -15,12 +15,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import OperationalError
 
 from shared import broker, limits
-from shared.broker import TASK_RUN_JOB
 from shared.db import DB_UNAVAILABLE, retry_unit_of_work, session_scope
 from shared.jobs import fail_job, hand_back, succeed_jobs
 from shared.registry import get_registry
@@ -37,7 +34,7 @@ from worker.safety import nsfw_flags
 from worker.store import store_outputs
 from worker.variants import prepare_pipeline, sampler_name
 
-__all__ = ["StepHook", "pipeline_cache", "register", "run_job"]
+__all__ = ["StepHook", "pipeline_cache", "run_job"]
 
 log = logging.getLogger("darkroom.worker")
 
@@ -387,15 +384,3 @@ def hand_back_all(members: list[Member], queue: str) -> dict[str, str]:
 
 def summary(outcomes: dict[str, str]) -> str:
     return ",".join(sorted(set(outcomes.values())))
-
-
-def register(app: Celery) -> None:
-    # A database outage while claiming or recording must not eat the token: the retry publishes it again.
-    app.task(
-        name=TASK_RUN_JOB,
-        ignore_result=True,
-        autoretry_for=(OperationalError,),
-        retry_backoff=True,
-        retry_backoff_max=30,
-        max_retries=None,
-    )(run_job)

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import signal
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -40,6 +41,24 @@ def test_submit_poll_download(service: Service) -> None:
     assert [(o["width"], o["height"], o["seed"]) for o in done["outputs"]] == [(96, 64, 5), (96, 64, 6)]
     for output in done["outputs"]:
         assert download(output["url"]).size == (96, 64)
+
+
+def _loads_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_only_the_pool_process_loads_torch(service: Service) -> None:
+    """Celery's main process forks the process that runs jobs. Had the main process loaded torch, which
+    counts CUDA devices on import, every forked pool process on a GPU host would fail its first CUDA call
+    ("Cannot re-initialize CUDA in forked subprocess")."""
+    auth = service.key("fork")
+    assert service.wait(auth, service.submit(auth, steps=2, width=64, height=64)["id"])["status"] == "succeeded"
+    assert service.worker is not None
+    main = service.worker.proc.pid
+    pool = [int(pid) for pid in Path(f"/proc/{main}/task/{main}/children").read_text().split()]
+    assert pool, "the worker has no pool process"
+    assert not _loads_torch(main)
+    assert all(_loads_torch(pid) for pid in pool)
 
 
 def test_same_request_and_seed_give_the_same_pixels(service: Service) -> None:
