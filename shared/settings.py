@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         ge=0,
         description="How long a worker waits for compatible jobs to join a batch that is not yet full.",
     )
+    batch_wait_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="While compatible jobs keep arriving, a batch that is not full waits on for them, up to this "
+        "fraction of the time its last full call took. A job that nothing joins waits only the window.",
+    )
     model_memory_mb: int = Field(
         0, ge=0, description="Memory budget of a worker's loaded pipelines; least recently used evicted. 0: no limit."
     )

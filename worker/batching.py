@@ -2,8 +2,12 @@
 the per-step hook that cancels jobs one by one.
 
 A batch is a leader job (picked by `shared.scheduling`) plus queued jobs with its batch key, up to
-`DARKROOM_MAX_BATCH_IMAGES` images. A job canceled mid-call loses its images while the others go on; the
-call stops only once no job in it is still wanted.
+`DARKROOM_MAX_BATCH_IMAGES` images. Gathering waits `DARKROOM_BATCH_WINDOW_MS` for company; while company
+keeps arriving (a burst, submitted over HTTP over a second or so), it waits on, up to
+`DARKROOM_BATCH_WAIT_FRACTION` of the time a full call of that batch key last took.
+
+A job canceled mid-call loses its images while the others go on; the call stops only once no job in it is
+still wanted.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from PIL import Image
 from shared import broker
 from shared.db import DB_UNAVAILABLE, session_scope
 from shared.jobs import record_progress_many
+from shared.scheduling import batch_key
 from shared.settings import Settings
 from worker import failures, faults, status
 from worker.acceleration import bucket_for, parse_shapes
@@ -36,6 +41,13 @@ log = logging.getLogger("darkroom.worker")
 BATCHABLE = (StableDiffusionPipeline, StableDiffusionXLPipeline)
 # How often gathering looks for company again within its window.
 GATHER_POLL_S = 0.002
+# Seconds per image row of the last call of each batch key in this process (padding rows included).
+_row_seconds: dict[str, float] = {}
+
+
+def full_call_seconds(key: str, max_images: int) -> float:
+    """How long a full call of batch key `key` takes, from its last call here; 0 before the first."""
+    return _row_seconds.get(key, 0.0) * max_images
 
 
 @dataclass(frozen=True)
@@ -60,22 +72,29 @@ def gather(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     looked: bool = False,
+    stretch_s: float = 0.0,
 ) -> int:
     """Fill a batch that holds `images`: claim what is queued now, then look again until it is full or the
     window closes. `claim_more(room)` claims up to `room` images and returns how many it got. `looked`: the
     caller has just claimed what was queued, so the first look waits a poll interval.
 
-    The window starts when gathering does, so a job is never held back longer than `window_s`, and a
-    batch that is full, or a window of 0, waits for nothing. Returns the images in the batch.
+    The window starts when gathering does. Each look that finds company opens it again for `window_s`,
+    but never past `stretch_s` from the start: a burst still arriving fills the call, while a job that
+    nothing joins is never held back longer than `window_s`. A batch that is full, or a window of 0,
+    waits for nothing. Returns the images in the batch.
     """
-    deadline = clock() + window_s
+    start = clock()
+    quiet_at, give_up_at = start + window_s, start + max(window_s, stretch_s)
     while images < max_images:
         if looked:
-            remaining = deadline - clock()
+            remaining = min(quiet_at, give_up_at) - clock()
             if remaining <= 0:
                 break
             sleep(min(GATHER_POLL_S, remaining))
-        images += claim_more(max_images - images)
+        got = claim_more(max_images - images)
+        if got and window_s > 0:
+            quiet_at = clock() + window_s
+        images += got
         looked = True
     return images
 
@@ -246,7 +265,8 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
         pad_to = bucket_for(images, int(first["width"]), int(first["height"]), parse_shapes(settings.compile_shapes))
     # Only a call of its own carries a job's input images (run_batch never batches image tasks).
     inputs = load_inputs(first) if len(members) == 1 else None
-    return generate_batch(
+    started = time.monotonic()
+    images_out = generate_batch(
         pipe,
         [m.request for m in members],
         hook,
@@ -255,6 +275,8 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
         inputs=inputs,
         on_latents=hook.see_latents if hook.preview_every else None,
     )
+    _row_seconds[batch_key(first)] = (time.monotonic() - started) / max(images, pad_to)
+    return images_out
 
 
 def _keep_live(hook: StepHook, members: list[Member], images: list[list[Image.Image]]) -> dict[str, list[Image.Image]]:

@@ -306,6 +306,61 @@ def test_company_arriving_within_the_window_joins() -> None:
     assert clock.slept <= 0.010 + 1e-9
 
 
+def arriving_every(seconds: float, clock: FakeClock) -> Any:
+    """A claim function for company that arrives one job every `seconds` from now on."""
+    start, taken = clock.now, 0
+
+    def claim(room: int) -> int:
+        nonlocal taken
+        got = min(room, int((clock.now - start) / seconds + 1e-9) - taken)
+        taken += got
+        return got
+
+    return claim
+
+
+def test_a_burst_still_arriving_is_waited_for_within_the_stretch() -> None:
+    # One job every 8 ms: a 10 ms window sees one of them; stretched, the call fills.
+    clock = FakeClock()
+    assert (
+        gather(arriving_every(0.008, clock), images=1, max_images=8, window_s=0.010, clock=clock, sleep=clock.sleep)
+        == 2
+    )
+    clock = FakeClock()
+    claim = arriving_every(0.008, clock)
+    assert gather(claim, images=1, max_images=8, window_s=0.010, stretch_s=0.25, clock=clock, sleep=clock.sleep) == 8
+    assert clock.slept <= 0.056 + 0.002  # the seventh arrival, then no more waiting
+
+
+def test_the_stretch_bounds_an_endless_trickle() -> None:
+    clock = FakeClock()
+    claim = arriving_every(0.008, clock)
+    assert gather(claim, images=1, max_images=100, window_s=0.010, stretch_s=0.05, clock=clock, sleep=clock.sleep) == 7
+    assert clock.slept <= 0.05 + 1e-9
+
+
+def test_a_lone_job_waits_only_the_window_whatever_the_stretch() -> None:
+    clock = FakeClock()
+    assert (
+        gather(lambda room: 0, images=1, max_images=8, window_s=0.010, stretch_s=5.0, clock=clock, sleep=clock.sleep)
+        == 1
+    )
+    assert clock.slept <= 0.010 + 1e-9
+
+
+def test_a_call_teaches_gathering_how_long_a_full_call_of_its_kind_takes(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batching, "_row_seconds", {})
+    job_id = submit()
+    key = load(job_id).batch_key
+    assert batching.full_call_seconds(key, 8) == 0  # nothing known yet: gathering waits the window only
+    tasks.run_job(job_id)
+    assert load(job_id).status == "succeeded"
+    assert batching.full_call_seconds(key, 8) > 0
+    assert batching.full_call_seconds(batch_key({"model": "tiny-sd", "width": 96}), 8) == 0
+
+
 def stream_progress(job_id: str) -> list[dict[str, Any]]:
     """The progress events of the job's live stream, as SSE readers get them."""
     entries = broker.get_redis().xrange(events.stream_key(job_id))
