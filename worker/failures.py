@@ -3,6 +3,9 @@
 `out_of_memory` frees what the allocator caches before the worker takes its next job, so one oversized
 request does not leave the GPU too full for the ones behind it. A batched call that runs out of memory never
 gets here: `worker.batching` retries its jobs at half the batch first; only a job alone in its call fails.
+
+torch is imported inside the functions that use it: Celery's main process imports this module for its
+hard-time-limit hook and must never load torch (worker/job_task.py says why).
 """
 
 from __future__ import annotations
@@ -20,10 +23,6 @@ from shared.jobs import fail_job
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger("darkroom.worker")
-
-
-# torch is imported where it is used: Celery's main process imports this module for its hard-time-limit
-# hook and must never load torch (see worker/app.py).
 
 
 def free_accelerator_memory() -> None:

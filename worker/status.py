@@ -63,7 +63,7 @@ def snapshot() -> dict[str, Any]:
         "jobs": dict(state.outcomes),
         "stopping": state.stop_requested.is_set(),
     }
-    import torch  # here, not at the top: Celery's main process imports this module (see worker/app.py)
+    import torch  # here, not at the top: Celery's main process imports this module (worker/job_task.py)
 
     if torch.cuda.is_available():
         report["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated()
