@@ -272,7 +272,17 @@ def direct(model_dir: Path, args: argparse.Namespace, size: int, dtype: Any, cou
 
 # ---- the service ----------------------------------------------------------------------------------------
 class Service:
-    def __init__(self, workdir: Path, args: argparse.Namespace, models_file: Path, redis_url: str, model: str):
+    def __init__(
+        self,
+        workdir: Path,
+        args: argparse.Namespace,
+        models_file: Path,
+        redis_url: str,
+        model: str,
+        *,
+        batch: int,
+        compiled: bool,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -288,9 +298,9 @@ class Service:
             "DARKROOM_MODELS_FILE": str(models_file),
             "DARKROOM_DEFAULT_MODEL": model,
             "DARKROOM_DEVICE": args.device,
-            "DARKROOM_MAX_BATCH_IMAGES": str(args.batch if model == "sd15" else args.xl_batch),
+            "DARKROOM_MAX_BATCH_IMAGES": str(batch),
             "DARKROOM_PROGRESS_INTERVAL": "0.5",
-            "DARKROOM_COMPILE": "1" if args.compile and model == "sd15" else "0",
+            "DARKROOM_COMPILE": "1" if compiled else "0",
             "DARKROOM_COMPILE_SHAPES": args.compile_shapes,
             "DARKROOM_INDUCTOR_CACHE_DIR": str(args.cache_dir or workdir / "inductor-cache"),
             # A job that compiles its shape first must not time out.
@@ -412,6 +422,7 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
     size = 64 if args.tiny else (512 if arch == "sd15" else 1024)
     jobs = args.jobs if arch == "sd15" else args.xl_jobs
     batch = args.batch if arch == "sd15" else args.xl_batch
+    compiled = args.compile and arch == "sd15"  # SDXL's compile would not fit the run's time budget
     log(f"{arch}: building random weights")
     model_dir = build(arch, workdir / "models" / arch, args.tiny, dtype, args.device)
     models_file = workdir / f"models-{arch}.toml"
@@ -421,7 +432,7 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
         f"min_size = 64\nmax_width = {max(size, 1024)}\nmax_height = {max(size, 1024)}\n"
         f"default_steps = {args.steps}\n"
     )
-    service = Service(workdir / arch, args, models_file, redis_url, arch)
+    service = Service(workdir / arch, args, models_file, redis_url, arch, batch=batch, compiled=compiled)
     (workdir / arch).mkdir(parents=True, exist_ok=True)
     service.start()
     try:
@@ -436,7 +447,7 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
         log(f"{arch}: idle latency")
         idle_start, idle_total = service.idle_latency(args.idle, size, args.steps)
         restart_s = None
-        if args.restart and service.env["DARKROOM_COMPILE"] == "1":
+        if args.restart and compiled:
             log(f"{arch}: worker restarted on the kept compile cache")
             restart_s = service.restart_worker(size, args.steps)
     finally:
@@ -449,7 +460,7 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
         torch.cuda.empty_cache()
     results = {
         f"{arch}_batch": batch,
-        f"{arch}_compiled": service.env["DARKROOM_COMPILE"] == "1",
+        f"{arch}_compiled": compiled,
         f"{arch}_first_job_s": round(first_job_s, 1),
         f"{arch}_service_img_per_s": round(service_rate, 3),
         f"{arch}_direct_img_per_s": round(direct_rate, 3),

@@ -92,7 +92,7 @@ def gather(
                 break
             sleep(min(GATHER_POLL_S, remaining))
         got = claim_more(max_images - images)
-        if got and window_s > 0:
+        if got:
             quiet_at = clock() + window_s
         images += got
         looked = True
