@@ -6,7 +6,6 @@ import importlib
 import logging
 import multiprocessing
 import os
-import threading
 import time
 from typing import Any
 
@@ -29,6 +28,9 @@ from worker.acceleration import configure_compile_cache
 app = broker.get_celery()
 # Nothing here imports torch: see worker/job_task.py.
 job_task.register(app)
+# A pool process imports the pipeline code before it takes a job (seconds; 15 on a GPU host), which
+# Celery's default of 4 s for a new pool process to come up would cut short by killing it.
+app.conf.worker_proc_alive_timeout = 300
 webhooks.register(app)
 _stop_reconciler = None
 log = logging.getLogger("darkroom.worker")
@@ -53,14 +55,10 @@ def _fresh_connections(**_: object) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    # The pipeline code (torch, diffusers: seconds to import) loads beside the pool process's start rather
-    # than in it, since Celery kills a pool process that is not up within 4 s; a first job waits for it.
-    threading.Thread(target=_load_pipeline_code, name="preload", daemon=True).start()
     logs.worker.set(status.worker_id())
     status.start_reporting()
-
-
-def _load_pipeline_code() -> None:
+    # The pipeline code (torch, diffusers) loads before this process takes its first job, so that a job's
+    # time limits never count the import: after a hard-limit kill, the replacement process pays it again.
     start = time.monotonic()
     importlib.import_module("worker.tasks")
     log.info("pipeline code loaded in %.1f s", time.monotonic() - start)
