@@ -307,6 +307,20 @@ def test_the_batched_transform_writes_and_reads_exactly_the_packages_mark(size: 
     np.testing.assert_array_equal(_transform([]).decode(ours), package.decode(ours))
 
 
+def test_moving_the_largest_singular_value_rebuilds_each_block_as_the_full_svd_does() -> None:
+    # The mark moves one singular value per block; a zero block (a flat band) has no direction of its own.
+    from worker.watermark import _largest_singular, _top_singular
+
+    blocks = np.random.default_rng(3).normal(100, 40, (64, 4, 4))
+    blocks[5] = 0
+    u, s, v = _top_singular(blocks)
+    moved = blocks + (90.0 - s)[:, None, None] * u[:, :, None] * v[:, None, :]
+    full_u, full_s, full_vt = np.linalg.svd(blocks)
+    full_s[:, 0] = 90.0
+    np.testing.assert_allclose(moved, full_u @ (full_s[:, :, None] * full_vt), atol=1e-9)
+    np.testing.assert_allclose(_largest_singular(moved), np.linalg.svd(moved, compute_uv=False)[:, 0], atol=1e-9)
+
+
 def test_an_image_too_small_for_every_bit_is_left_unmarked_and_says_so() -> None:
     from worker.outputs import encode_output
     from worker.watermark import apply_watermark

@@ -60,3 +60,25 @@ def test_a_job_for_a_too_large_model_fails_with_a_code(tiny_bytes: int, monkeypa
     assert "budget" in (job.error_message or "")
     monkeypatch.setattr(tasks, "_cache", None)  # the worker goes on with the next job
     assert tasks.run_job(submit()) == "succeeded"
+
+
+def test_a_jobs_pipeline_is_built_once_per_task_and_scheduler_and_goes_with_its_model(tiny_bytes: int) -> None:
+    import gc
+    import weakref
+
+    from worker.variants import prepare_pipeline
+
+    cache = PipelineCache(torch.device("cpu"), budget_bytes=int(tiny_bytes * 1.5))  # room for one
+    base = cache.get(spec("a"))
+    plain = prepare_pipeline(base, {"task": "txt2img"})
+    assert prepare_pipeline(base, {"task": "txt2img", "loras": []}) is plain
+    ddim = prepare_pipeline(base, {"task": "txt2img", "scheduler": "ddim"})
+    assert ddim is not plain and type(ddim.scheduler).__name__ == "DDIMScheduler"
+    assert type(prepare_pipeline(base, {"task": "txt2img"}).scheduler) is type(base.scheduler)
+    assert prepare_pipeline(base, {"task": "img2img"}) is not plain
+    # Evicting the model frees what was built over it: nothing else holds its modules.
+    gone = weakref.ref(plain.unet)
+    del base, plain, ddim
+    cache.get(spec("b"))
+    gc.collect()
+    assert cache.loaded == ["b"] and gone() is None
