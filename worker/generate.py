@@ -5,7 +5,6 @@ Nothing here touches the database or Redis; the benchmark's "direct" figure runs
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -149,9 +148,3 @@ def generate(
 ) -> list[Image.Image]:
     """One request alone, with its input images if its task takes any."""
     return generate_batch(pipe, [request], on_step, inputs=inputs)[0]
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -68,7 +68,9 @@ def read_user_comment(raw: bytes) -> str:
     return raw[8:].decode("utf-8", errors="replace")
 
 
-def encode_output(image: Image.Image, request: dict[str, Any], *, job_id: str, seed: int, sampler: str) -> Encoded:
+def encode_output(
+    image: Image.Image, request: dict[str, Any], *, job_id: str, seed: int, sampler: str, png_level: int = 4
+) -> Encoded:
     fmt = request.get("output_format", "png")
     parameters = parameters_text(request, seed=seed, sampler=sampler, width=image.width, height=image.height)
     provenance = provenance_text(request, job_id)
@@ -78,7 +80,7 @@ def encode_output(image: Image.Image, request: dict[str, Any], *, job_id: str, s
         info = PngInfo()
         info.add_text("parameters", parameters)
         info.add_text("provenance", provenance)
-        image.save(buffer, format="PNG", pnginfo=info)
+        image.save(buffer, format="PNG", pnginfo=info, compress_level=png_level)
     else:
         exif = Image.Exif()
         exif[SOFTWARE] = "darkroom"

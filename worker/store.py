@@ -76,10 +76,11 @@ def encode_images(
     """`encode_output` of each image (with its seed), on the encoder processes when there are any."""
     global _pool
     pool = _executor()
+    level = get_settings().png_compress_level
     if pool is not None:
         try:
             futures = [
-                pool.submit(encode_output, image, request, job_id=job_id, seed=seed, sampler=sampler)
+                pool.submit(encode_output, image, request, job_id=job_id, seed=seed, sampler=sampler, png_level=level)
                 for image, seed in zip(images, seeds, strict=True)
             ]
             return [future.result() for future in futures]
@@ -88,7 +89,7 @@ def encode_images(
             log.warning("encoder processes failed (%s); encoding job %s in the worker", type(exc).__name__, job_id)
             _pool = None
     return [
-        encode_output(image, request, job_id=job_id, seed=seed, sampler=sampler)
+        encode_output(image, request, job_id=job_id, seed=seed, sampler=sampler, png_level=level)
         for image, seed in zip(images, seeds, strict=True)
     ]
 
