@@ -45,6 +45,7 @@ format: install
 bench: install services
 	$(PY) -m bench.api
 	$(PY) -m bench.e2e
+	$(PY) -m bench.encode
 
 # On a GPU host (no registry, no Redis service needed): REDIS_SERVER=/path/to/redis-server make bench-gpu
 REDIS_SERVER ?= $(shell command -v redis-server)

@@ -45,9 +45,10 @@ from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Select, and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from shared import limits
@@ -104,43 +105,59 @@ def fair_order(
     return ordered
 
 
-def _candidates(session: Session, queue: str, key: str | None, per_tenant: int) -> list[Candidate]:
-    # The first `per_tenant` queued jobs of every (priority, tenant): enough to fill a batch from any one.
+@cache
+def _candidates_statement(by_key: bool) -> Select[Any]:
+    """The candidates query, built once: a claim runs between two pipeline calls, and building the statement
+    cost more of the worker's CPU than PostgreSQL took to answer it. Bound per call: queue, key, per_tenant."""
     rank = (
         func.row_number()
         .over(partition_by=(Job.priority, Job.tenant_id), order_by=(Job.created_at, Job.id))
         .label("rank")
     )
-    inner = select(Job.id, rank).where(Job.queue == queue, Job.status == QUEUED)
-    if key is not None:
+    inner = select(Job.id, rank).where(Job.queue == bindparam("queue"), Job.status == QUEUED)
+    if by_key:
         # Company for a batch is only jobs that never ran: one that did may have crashed its worker, and a
         # poison job must not take its neighbours' attempts down with it.
-        inner = inner.where(Job.batch_key == key, Job.attempts == 0)
+        inner = inner.where(Job.batch_key == bindparam("key"), Job.attempts == 0)
     sub = inner.subquery()
-    rows = session.execute(
+    return (
         select(Job.id, Job.tenant_id, Job.priority, Job.created_at, Job.request)
         .join(sub, sub.c.id == Job.id)
-        .where(sub.c.rank <= per_tenant)
-    ).all()
+        .where(sub.c.rank <= bindparam("per_tenant"))
+    )
+
+
+def _candidates(session: Session, queue: str, key: str | None, per_tenant: int) -> list[Candidate]:
+    # The first `per_tenant` queued jobs of every (priority, tenant): enough to fill a batch from any one.
+    params: dict[str, Any] = {"queue": queue, "per_tenant": per_tenant}
+    if key is not None:
+        params["key"] = key
+    rows = session.execute(_candidates_statement(key is not None), params).all()
     return [Candidate(r[0], r[1], r[2], r[3], int(r[4].get("num_images", 1))) for r in rows]
+
+
+@cache
+def _load_statement() -> Select[str, int, datetime | None]:
+    """The load query, built once (see `_candidates_statement`). Bound per call: queue, tenants, since."""
+    since = bindparam("since", type_=Job.started_at.type)
+    recent = and_(Job.started_at >= since, Job.status.in_(sorted({RUNNING, *TERMINAL})))
+    # updated_at >= started_at always, so the (status, updated_at) index bounds the finished ones to recent jobs.
+    return (
+        select(Job.tenant_id, func.count().filter(Job.status == RUNNING), func.max(Job.started_at).filter(recent))
+        .where(
+            Job.queue == bindparam("queue"),
+            Job.tenant_id.in_(bindparam("tenants", expanding=True)),
+            or_(Job.status == RUNNING, and_(recent, Job.updated_at >= since)),
+        )
+        .group_by(Job.tenant_id)
+    )
 
 
 def _load(session: Session, queue: str, tenants: set[str]) -> tuple[dict[str, int], dict[str, datetime]]:
     """Each tenant's jobs running in `queue`, and when its latest job there started (within SERVED_MEMORY):
     one statement, since a claim runs between two pipeline calls."""
-    since = utcnow() - SERVED_MEMORY
-    recent = and_(Job.started_at >= since, Job.status.in_(sorted({RUNNING, *TERMINAL})))
-    rows = session.execute(
-        select(Job.tenant_id, func.count().filter(Job.status == RUNNING), func.max(Job.started_at).filter(recent))
-        # updated_at >= started_at always, so the (status, updated_at) index bounds the finished ones to
-        # recent jobs.
-        .where(
-            Job.queue == queue,
-            Job.tenant_id.in_(sorted(tenants)),
-            or_(Job.status == RUNNING, and_(recent, Job.updated_at >= since)),
-        )
-        .group_by(Job.tenant_id)
-    ).all()
+    params = {"queue": queue, "tenants": sorted(tenants), "since": utcnow() - SERVED_MEMORY}
+    rows = session.execute(_load_statement(), params).all()
     running = {tenant: count for tenant, count, _ in rows if count}
     served = {t: (s if s.tzinfo else s.replace(tzinfo=UTC)) for t, _, s in rows if s is not None}
     return running, served
