@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import JSON, and_, case, func, insert, inspect, literal, or_, select, tuple_, update
+from sqlalchemy import JSON, and_, bindparam, case, func, insert, inspect, literal, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from shared import broker, events, positions
@@ -78,7 +79,12 @@ def transition_many(
         .returning(Job)
         .execution_options(synchronize_session=False, populate_existing=True)
     )
-    won = {job.id: job for job in session.execute(stmt).scalars()}
+    return _moved(session, stmt, {}, job_ids, to)
+
+
+def _moved(session: Session, stmt: Any, params: dict[str, Any], job_ids: Sequence[str], to: str) -> dict[str, Job]:
+    """Run a transition's UPDATE ... RETURNING; the jobs it moved, by id, each announced."""
+    won = {job.id: job for job in session.execute(stmt, params).scalars()}
     for job_id in job_ids:
         if job_id in won:
             # Webhook outbox rows join this transaction; stream events and task sends wait for its commit.
@@ -170,24 +176,49 @@ def try_claim(session: Session, job_id: str, *, worker_id: str, lease_seconds: i
 
 
 def try_claim_many(
-    session: Session, job_ids: Sequence[str], *, worker_id: str, lease_seconds: int, where: Sequence[Any] = ()
+    session: Session, job_ids: Sequence[str], *, worker_id: str, lease_seconds: int, skip_locked: bool = False
 ) -> dict[str, Job]:
-    """`try_claim` for several jobs in one statement; returns those this worker got, by id."""
+    """`try_claim` for several jobs in one statement; returns those this worker got, by id. With
+    `skip_locked`, only the rows no other transaction holds (PostgreSQL's `FOR UPDATE SKIP LOCKED`)."""
+    if not job_ids:
+        return {}
     now = utcnow()
-    return transition_many(
-        session,
-        job_ids,
-        from_=[QUEUED],
-        to=RUNNING,
-        where=where,
-        values={
-            "attempts": Job.attempts + 1,
-            "worker_id": worker_id,
-            "lease_expires_at": now + timedelta(seconds=lease_seconds),
-            "started_at": now,
-            "progress_step": None,
-            "progress_total": None,
-        },
+    params = {
+        "ids": list(job_ids),
+        "now": now,
+        "claimer": worker_id,
+        "lease_until": now + timedelta(seconds=lease_seconds),
+    }
+    return _moved(session, _claim_statement(skip_locked), params, job_ids, RUNNING)
+
+
+@cache
+def _claim_statement(skip_locked: bool) -> Any:
+    """The claim's UPDATE, built once: it runs between two pipeline calls, and building it cost the worker
+    more CPU than PostgreSQL took to run it. Bound per call: ids, now, claimer, lease_until."""
+    ids: Any = bindparam("ids", expanding=True)
+    where = [Job.id.in_(ids), Job.status == QUEUED]
+    if skip_locked:
+        # Exactly the rows it can lock now: a row locked and then left queued would make a concurrent
+        # claimer skip it, and spend its token on nothing.
+        free = select(Job.id).where(Job.id.in_(ids), Job.status == QUEUED).with_for_update(skip_locked=True)
+        where.append(Job.id.in_(free.scalar_subquery()))
+    now = bindparam("now", type_=Job.updated_at.type)
+    return (
+        update(Job)
+        .where(*where)
+        .values(
+            status=RUNNING,
+            updated_at=now,
+            attempts=Job.attempts + 1,
+            worker_id=bindparam("claimer", type_=Job.worker_id.type),
+            lease_expires_at=bindparam("lease_until", type_=Job.lease_expires_at.type),
+            started_at=now,
+            progress_step=None,
+            progress_total=None,
+        )
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
 
 

@@ -220,15 +220,9 @@ def claim_jobs(
                     slots[cand.tenant_id] -= 1
         if not wanted:
             break
-        # One UPDATE for all of them, of exactly the rows it can lock now: a row locked and then left
-        # queued would make a concurrent claimer skip it, and spend its token on nothing.
-        free = select(Job.id).where(Job.id.in_([c.id for c in wanted]), Job.status == QUEUED)
+        # One UPDATE for all of them, of exactly the rows it can lock now.
         won = try_claim_many(
-            session,
-            [c.id for c in wanted],
-            worker_id=worker_id,
-            lease_seconds=lease_seconds,
-            where=[Job.id.in_(free.with_for_update(skip_locked=True).scalar_subquery())],
+            session, [c.id for c in wanted], worker_id=worker_id, lease_seconds=lease_seconds, skip_locked=True
         )
         jobs.update(won)
         for cand in wanted:
