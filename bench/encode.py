@@ -23,6 +23,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from shared.settings import get_settings
 from worker.outputs import encode_output
 from worker.watermark import embed_watermark, watermark_bits_matching
 
@@ -47,9 +48,9 @@ def per_image_ms(work: Callable[[Image.Image], object], images: list[Image.Image
     return statistics.median(times)
 
 
-def png(image: Image.Image) -> bytes:
+def png(image: Image.Image, level: int) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=4)
+    image.save(buffer, format="PNG", compress_level=level)
     return buffer.getvalue()
 
 
@@ -58,18 +59,22 @@ def main() -> None:
     parser.add_argument("--sizes", default="64,512", help="square image sizes, comma-separated")
     parser.add_argument("--images", type=int, default=20, help="images per size (default 20)")
     args = parser.parse_args()
+    # The level the workers here would use (DARKROOM_PNG_COMPRESS_LEVEL), for the whole output and its PNG stage.
+    level = get_settings().png_compress_level
     table = Table(title="output encoding, ms per image (median), one core")
-    for column in ("size", "whole output", "watermark embed", "watermark read", "PNG (level 4)"):
+    for column in ("size", "whole output", "watermark embed", "watermark read", f"PNG (level {level})"):
         table.add_column(column, justify="right")
     figures = {}
     for size in (int(s) for s in args.sizes.split(",")):
         images = [picture(size, seed) for seed in range(args.images)]
-        whole = per_image_ms(lambda im: encode_output(im, REQUEST, job_id="j", seed=1, sampler="Euler"), images)
+        whole = per_image_ms(
+            lambda im: encode_output(im, REQUEST, job_id="j", seed=1, sampler="Euler", png_level=level), images
+        )
         row = [
             whole,
             per_image_ms(embed_watermark, images),
             per_image_ms(watermark_bits_matching, images),
-            per_image_ms(png, images),
+            per_image_ms(lambda im: png(im, level), images),
         ]
         table.add_row(f"{size}x{size}", *(f"{ms:.1f}" for ms in row))
         figures[f"encode_ms_{size}"] = round(whole, 2)
