@@ -63,6 +63,10 @@ _RUNNING = f"SELECT count(*) FROM {Job.__tablename__} WHERE queue = %(queue)s AN
 
 # Most lookups one query or pipeline carries; more wait for the next.
 MAX_BATCH = 64
+# Key hashes this process has seen live, and their tenant: a key never changes tenant, only gets revoked, so
+# a submit can take its tenant from here and leave the revocation to the insert (api.group_commit).
+_seen_keys: dict[str, str] = {}
+MAX_SEEN_KEYS = 10_000
 
 
 def enabled() -> bool:
@@ -185,11 +189,12 @@ async def _fetch_all(query: str, params: dict[str, Any]) -> list[Any]:
     raise AssertionError("unreachable")
 
 
-async def execute(query: str, params: Any) -> None:
-    """One statement, committed on its own (the pool's connections are in autocommit)."""
+async def execute(query: str, params: Any) -> list[Any]:
+    """One statement, committed on its own (the pool's connections are in autocommit); the rows it returns."""
     pool = (await _get_clients()).pool
     async with pool.connection() as conn:
-        await conn.execute(query, params)
+        cursor = await conn.execute(query, params)
+        return await cursor.fetchall() if cursor.description else []
 
 
 async def running_in(queue: str) -> int:
@@ -211,14 +216,38 @@ def _by_asked(rows: list[Any], count: int) -> list[Any]:
     return ordered
 
 
+def _seen(key_hash: str, tenant_id: str) -> None:
+    if len(_seen_keys) >= MAX_SEEN_KEYS:
+        _seen_keys.clear()
+    _seen_keys[key_hash] = tenant_id
+
+
+def seen_tenant(key_hash: str) -> str | None:
+    """The tenant of a key this process found live before: it may have been revoked since."""
+    return _seen_keys.get(key_hash)
+
+
+def forget_key(key_hash: str) -> None:
+    """A key found revoked: the next request with it is looked up again."""
+    _seen_keys.pop(key_hash, None)
+
+
 async def _tenants_of(key_hashes: list[str]) -> list[str | None]:
     rows = await _fetch_all(_TENANT, {"key_hashes": key_hashes})
-    return [row.tenant_id if row is not None else None for row in _by_asked(rows, len(key_hashes))]
+    tenants = [row.tenant_id if row is not None else None for row in _by_asked(rows, len(key_hashes))]
+    for key_hash, tenant_id in zip(key_hashes, tenants, strict=True):
+        if tenant_id is not None:
+            _seen(key_hash, tenant_id)
+    return tenants
 
 
 async def _rows_of(asked: list[tuple[str, str]]) -> list[Any]:
     params = {"job_ids": [job_id for job_id, _ in asked], "key_hashes": [digest for _, digest in asked]}
-    return _by_asked(await _fetch_all(_READ, params), len(asked))
+    rows = _by_asked(await _fetch_all(_READ, params), len(asked))
+    for (_, key_hash), row in zip(asked, rows, strict=True):
+        if row is not None:
+            _seen(key_hash, row.key_tenant)
+    return rows
 
 
 async def _places_of(queued: list[Any]) -> list[tuple[int, float | None]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -81,6 +82,39 @@ async def get_tenant(request: Request) -> str:
     return tenant_id
 
 
+@dataclass
+class Submitter:
+    """Who submits a job: the tenant of the request's key and, until confirmed live, the key's hash."""
+
+    tenant_id: str
+    unconfirmed: str | None = None
+
+
+async def get_submitter(request: Request) -> Submitter:
+    """For POST /v1/jobs: `get_tenant`, except that a key this process has found live before is not looked
+    up again. Its revocation is checked where it counts, atomically, by the insert that makes the job
+    (api.group_commit); any other way a submit goes confirms the key first (`confirm`). On the busiest
+    route, that is one database round trip fewer per request."""
+    if aio_reads.enabled():
+        digest = key_hash(request)
+        tenant_id = aio_reads.seen_tenant(digest) if digest else None
+        if tenant_id is not None:
+            await check_rate(admit(request, tenant_id))
+            return Submitter(tenant_id, digest)
+    return Submitter(await get_tenant(request))
+
+
+async def confirm(submitter: Submitter) -> None:
+    """Check now that the submitter's key is live, if it was not checked yet (401 if not)."""
+    if submitter.unconfirmed is None:
+        return
+    tenant_id = await aio_reads.tenant_for(submitter.unconfirmed)
+    if tenant_id != submitter.tenant_id:
+        aio_reads.forget_key(submitter.unconfirmed)
+        raise invalid_key()
+    submitter.unconfirmed = None
+
+
 def get_tenant_sync(request: Request) -> str:
     tenant_id = authenticate_request(request)
     limits.check_rate(tenant_id, limits.limits_for(tenant_name(tenant_id)))
@@ -98,6 +132,7 @@ async def check_rate(tenant_id: str) -> None:
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+SubmitterDep = Annotated[Submitter, Depends(get_submitter)]
 # For GET /v1/usage: a tenant told it is rate limited must still be able to see why and until when.
 UnmeteredTenantDep = Annotated[str, Depends(authenticate_request)]
 

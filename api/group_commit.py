@@ -20,22 +20,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from functools import cache
 
 import psycopg
 import psycopg_pool
 import redis
 from psycopg.types.json import Json
 from sqlalchemy import JSON
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
 from api import aio_reads
+from api.deps import invalid_key
 from api.schemas import JobRead
 from shared import broker, events, jobs
 from shared.db import read_scope, session_scope
 from shared.job_view import Place, eta_from, job_view, place_commands, place_of, places_from, running_in
-from shared.tables import Job
+from shared.tables import ApiKey, Job
 
 log = logging.getLogger("darkroom.api")
 
@@ -47,7 +50,7 @@ _UNAVAILABLE_ASYNC = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_
 
 class _Queue:
     def __init__(self) -> None:
-        self.pending: list[tuple[Job, asyncio.Future[JobRead]]] = []
+        self.pending: list[tuple[Job, str | None, asyncio.Future[JobRead]]] = []
         self.task: asyncio.Task[None] | None = None
 
 
@@ -55,9 +58,13 @@ class _Queue:
 _queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = weakref.WeakKeyDictionary()
 
 
-async def commit(job: Job) -> JobRead:
+async def commit(job: Job, key_hash: str | None = None) -> JobRead:
     """Insert and publish a job made by `shared.jobs.new_job`, with whatever else is being submitted now;
-    returns it as the API shows it. Its inputs must be stored already."""
+    returns it as the API shows it. Its inputs must be stored already.
+
+    With the hash of the API key that submits it (PostgreSQL only), the job is inserted only if that key is
+    still live then, in the same statement, and is refused with 401 otherwise: the submit needs no lookup
+    of its own for a key this process has seen before (api.deps.get_submitter)."""
     loop = asyncio.get_running_loop()
     queue = _queues.get(loop)
     if queue is None:
@@ -66,7 +73,7 @@ async def commit(job: Job) -> JobRead:
     # Its outcome is read here, or by nobody when the client hung up: mark an error seen either way, so that
     # asyncio does not log it as never retrieved (the request's own log already says what happened).
     future.add_done_callback(lambda done: done.cancelled() or done.exception())
-    queue.pending.append((job, future))
+    queue.pending.append((job, key_hash, future))
     if queue.task is None:
         queue.task = loop.create_task(_drain(queue))
     # Shielded: a client that hangs up does not take its job out of a commit that may already have made it.
@@ -77,15 +84,15 @@ async def _drain(queue: _Queue) -> None:
     try:
         while queue.pending:
             taken, queue.pending = queue.pending[:MAX_GROUP], queue.pending[MAX_GROUP:]
-            group = [job for job, _ in taken]
+            group = [job for job, _, _ in taken]
             try:
                 if aio_reads.enabled():
-                    outcomes = await _commit_group_async(group)
+                    outcomes = await _commit_group_async(group, [key_hash for _, key_hash, _ in taken])
                 else:
                     outcomes = await run_in_threadpool(_commit_group, group)
             except Exception as exc:
                 outcomes = [exc] * len(taken)
-            for (_, future), outcome in zip(taken, outcomes, strict=True):
+            for (_, _, future), outcome in zip(taken, outcomes, strict=True):
                 if future.done():
                     continue
                 if isinstance(outcome, BaseException):
@@ -155,29 +162,60 @@ _COLUMNS = {attr.key: attr.columns[0].name for attr in Job.__mapper__.column_att
 _JSON_KEYS = frozenset(attr.key for attr in Job.__mapper__.column_attrs if isinstance(attr.columns[0].type, JSON))
 
 
-async def _commit_group_async(new: list[Job]) -> list[JobRead | Exception]:
+@cache
+def _insert_statement(keys: tuple[str, ...]) -> str:
+    """The group's INSERT for rows setting `keys`: one array per column, so that the statement's text is the
+    same for every group (psycopg prepares it once per connection), plus the submitting key's hash per row.
+    A row whose key is given and no longer live is left out; the ids inserted come back."""
+    table = Job.__table__
+    columns = [_COLUMNS[key] for key in keys]
+    names = ", ".join(f'"{name}"' for name in columns)
+    arrays = ", ".join(f"%s::{table.c[name].type.compile(dialect=postgresql.dialect())}[]" for name in columns)
+    return (
+        f"INSERT INTO {Job.__tablename__} ({names}) "
+        f"SELECT {names} FROM unnest({arrays}, %s::text[]) AS v({names}, submitter) "
+        f"WHERE v.submitter IS NULL OR EXISTS (SELECT 1 FROM {ApiKey.__tablename__} k "
+        f"WHERE k.key_hash = v.submitter AND k.tenant_id = v.tenant_id AND k.revoked_at IS NULL) RETURNING id"
+    )
+
+
+async def _commit_group_async(new: list[Job], key_hashes: list[str | None]) -> list[JobRead | Exception]:
     rows = [jobs.insert_values(job) for job in new]
-    keys = list(rows[0])
-    if any(list(row) != keys for row in rows):  # not from new_job alike: the general path
-        return await run_in_threadpool(_commit_group, new)
-    columns = ", ".join(f'"{_COLUMNS[key]}"' for key in keys)
-    values = ", ".join(["(" + ", ".join(["%s"] * len(keys)) + ")"] * len(rows))
-    params = [Json(row[key]) if key in _JSON_KEYS else row[key] for row in rows for key in keys]
+    keys = tuple(rows[0])
+    if any(tuple(row) != keys for row in rows):  # not from new_job alike: each row is its own statement
+        return await _one_by_one(new, key_hashes)
+    params = [[Json(row[key]) if key in _JSON_KEYS else row[key] for row in rows] for key in keys]
     try:
-        await aio_reads.execute(f"INSERT INTO {Job.__tablename__} ({columns}) VALUES {values}", params)
+        inserted = {row.id for row in await aio_reads.execute(_insert_statement(keys), [*params, key_hashes])}
     except _UNAVAILABLE_ASYNC:
         raise
     except Exception as exc:
         if len(new) == 1:
             return [exc]
-        return [outcome for job in new for outcome in await _commit_group_async([job])]
+        return await _one_by_one(new, key_hashes)
+    refused = {job.id for job in new if job.id not in inserted}
+    for job, key_hash in zip(new, key_hashes, strict=True):
+        if job.id in refused and key_hash is not None:
+            aio_reads.forget_key(key_hash)
+    made = [job for job in new if job.id in inserted]
     places: list[Place | None]
     try:
-        places = list(await _publish_and_place(new))
+        places = list(await _publish_and_place(made)) if made else []
     except Exception as exc:
-        log.warning("queue positions of %d new jobs unavailable: %s", len(new), type(exc).__name__)
-        places = [None] * len(new)
-    return [JobRead.model_validate(job_view(None, job, place=place)) for job, place in zip(new, places, strict=True)]
+        log.warning("queue positions of %d new jobs unavailable: %s", len(made), type(exc).__name__)
+        places = [None] * len(made)
+    answers = iter(places)
+    return [
+        invalid_key() if job.id in refused else JobRead.model_validate(job_view(None, job, place=next(answers)))
+        for job in new
+    ]
+
+
+async def _one_by_one(new: list[Job], key_hashes: list[str | None]) -> list[JobRead | Exception]:
+    outcomes: list[JobRead | Exception] = []
+    for job, key_hash in zip(new, key_hashes, strict=True):
+        outcomes += await _commit_group_async([job], [key_hash])
+    return outcomes
 
 
 async def _publish_and_place(new: list[Job]) -> list[Place]:

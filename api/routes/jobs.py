@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api import aio_reads, deps, group_commit, live
-from api.deps import SessionDep, TenantDep
+from api.deps import SessionDep, SubmitterDep, TenantDep
 from api.errors import responses
 from api.generation import Inputs, read_inputs, store_inputs
 from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
@@ -123,22 +123,31 @@ def _stage(body: JobCreate, tenant_id: str, prepared: PreparedJob | None = None)
         raise
 
 
-async def _submit_grouped(body: JobCreate, tenant_id: str) -> JobRead:
+async def _submit_grouped(body: JobCreate, submitter: deps.Submitter) -> JobRead:
+    tenant_id = submitter.tenant_id
     staged: Staged | PreparedJob
     if body.image is None and body.mask is None and body.webhook_url is None and cached_tenant_name(tenant_id):
         # No image to fetch or decode, no webhook host to resolve, a tenant this process knows: validating is
         # CPU only, done here rather than after a hop to a worker thread. An images quota is charged in Redis.
-        prepared = prepare_job(body, tenant_id)
+        try:
+            prepared = prepare_job(body, tenant_id)
+        except Exception:
+            await deps.confirm(submitter)  # a revoked key is told so, not what else was wrong
+            raise
         if prepared.limits.images_per_period:
             staged = await run_in_threadpool(_stage, body, tenant_id, prepared)
         else:
             staged = _stage(body, tenant_id, prepared)
     else:
+        # Input images are fetched and stored, and a webhook host resolved, for a live key only.
+        await deps.confirm(submitter)
         staged = await run_in_threadpool(_stage, body, tenant_id)
     if isinstance(staged, PreparedJob):
+        await deps.confirm(submitter)
         return (await run_in_threadpool(_submit, body, tenant_id, None, staged))[0]
     try:
-        return await group_commit.commit(staged.job)
+        # The insert checks a key not confirmed yet, in the same statement.
+        return await group_commit.commit(staged.job, submitter.unconfirmed)
     except Exception:
         await run_in_threadpool(limits.refund_images, tenant_id, staged.limits, staged.charged)
         raise
@@ -204,14 +213,16 @@ PREFER_DESCRIPTION = (
 )
 async def create_job(
     body: JobCreate,
-    tenant_id: TenantDep,
+    submitter: SubmitterDep,
     idempotency_key: IdempotencyKeyHeader = None,
     prefer: Annotated[str | None, Header(alias="Prefer", description=PREFER_DESCRIPTION, examples=["wait=30"])] = None,
 ) -> Response:
     """Submit a job; it is queued at once and runs on the next free worker for its model."""
+    tenant_id = submitter.tenant_id
     if idempotency_key is None:
-        job, replayed = await _submit_grouped(body, tenant_id), False
+        job, replayed = await _submit_grouped(body, submitter), False
     else:
+        await deps.confirm(submitter)
         job, replayed = await run_in_threadpool(_submit, body, tenant_id, idempotency_key)
     headers = {}
     wait = live.prefer_wait(prefer)

@@ -17,8 +17,9 @@ from api.routes.jobs import job_fields, prepare_job
 from api.schemas import JobCreate, JobRead
 from shared import broker, events, jobs
 from shared.db import session_scope
+from shared.errors import Unauthorized
 from shared.tables import Job, new_id
-from shared.tenants import get_or_create_tenant
+from shared.tenants import create_key, get_or_create_tenant, hash_key, revoke_key
 from tests.api.test_jobs import queued_messages
 
 
@@ -30,8 +31,12 @@ def new_jobs(tenant_id: str, prompts: list[str]) -> list[Job]:
     return made
 
 
-def commit_together(made: list[Job], monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], list[int]]:
-    """Commit the jobs from one event loop at once; returns the outcomes and the size of each group run."""
+def commit_together(
+    made: list[Job], monkeypatch: pytest.MonkeyPatch, key_hashes: list[str | None] | None = None
+) -> tuple[list[Any], list[int]]:
+    """Commit the jobs from one event loop at once (each submitted with its key's hash, if given); returns
+    the outcomes and the size of each group run."""
+    keys = key_hashes or [None] * len(made)
     groups: list[int] = []
     real, real_async = group_commit._commit_group, group_commit._commit_group_async
 
@@ -39,9 +44,9 @@ def commit_together(made: list[Job], monkeypatch: pytest.MonkeyPatch) -> tuple[l
         groups.append(len(new))
         return real(new)
 
-    async def counted_async(new: list[Job]) -> list[JobRead | Exception]:  # PostgreSQL's path
+    async def counted_async(new: list[Job], key_hashes: list[str | None]) -> list[JobRead | Exception]:  # PostgreSQL
         groups.append(len(new))
-        return await real_async(new)
+        return await real_async(new, key_hashes)
 
     monkeypatch.setattr(group_commit, "_commit_group", counted)
     monkeypatch.setattr(group_commit, "_commit_group_async", counted_async)
@@ -49,7 +54,8 @@ def commit_together(made: list[Job], monkeypatch: pytest.MonkeyPatch) -> tuple[l
     async def submit_all() -> list[Any]:
         try:
             # gather starts every commit before the group's drain task first runs: they make one group.
-            return await asyncio.gather(*(group_commit.commit(job) for job in made), return_exceptions=True)
+            commits = (group_commit.commit(job, key) for job, key in zip(made, keys, strict=True))
+            return await asyncio.gather(*commits, return_exceptions=True)
         finally:
             # As the API's shutdown does: a pool left open has tasks still connecting when the loop ends,
             # and cancelling those could hang asyncio.run's exit.
@@ -118,3 +124,24 @@ def test_jobs_committed_are_answered_even_when_their_place_in_line_cannot_be_rea
     assert [(v.id, v.status, v.queue_position) for v in views] == [(job.id, "queued", None) for job in made]
     with session_scope() as session:
         assert set(session.scalars(select(Job.id))) == {job.id for job in made}
+
+
+# Keys are checked by the insert on PostgreSQL only; on SQLite a submit looks its key up first.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_job_whose_key_was_revoked_before_its_insert_is_refused_alone(
+    tenant_id: str, darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with session_scope() as session:
+        live, revoked = create_key(session, "acme"), create_key(session, "acme")
+        revoke_key(session, revoked)
+    aio_reads._seen_keys[hash_key(revoked)] = tenant_id  # seen live by this process, before the revocation
+    made = new_jobs(tenant_id, ["first", "second", "third"])
+    outcomes, groups = commit_together(made, monkeypatch, [hash_key(live), hash_key(revoked), None])
+    assert groups == [3]  # one statement: the revoked key's job left out, not a failed group
+    assert isinstance(outcomes[0], JobRead) and isinstance(outcomes[2], JobRead)
+    assert isinstance(outcomes[1], Unauthorized)
+    with session_scope() as session:
+        assert set(session.scalars(select(Job.id))) == {made[0].id, made[2].id}
+    assert sorted(queued_messages(darkroom_env["DARKROOM_REDIS_PREFIX"])) == sorted([made[0].id, made[2].id])
+    assert [v.queue_position for v in (outcomes[0], outcomes[2])] == [0, 1]
+    assert aio_reads.seen_tenant(hash_key(revoked)) is None  # its next request is looked up again

@@ -109,3 +109,10 @@ def test_revoked_key_fails_at_once(api: TestClient) -> None:
     assert api.get("/v1/jobs", headers=headers).status_code == 401
     refused = api.get(f"/v1/jobs/{job_id}", headers=headers)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    # A submit with the key this API process has already seen live: refused, and no job made, whichever way
+    # the submit goes (a plain one, one with an idempotency key, one the body validation refuses).
+    for extra, body in (({}, {"prompt": "p"}), ({"Idempotency-Key": "k1"}, {"prompt": "p"}), ({}, {"prompt": ""})):
+        submitted = api.post("/v1/jobs", json=body, headers={**headers, **extra})
+        assert submitted.status_code == 401, submitted.text
+        assert submitted.json()["error"]["code"] == "unauthorized"
+    assert job_count() == 1
