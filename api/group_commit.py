@@ -170,10 +170,10 @@ def _insert_statement(keys: tuple[str, ...]) -> str:
     table = Job.__table__
     columns = [_COLUMNS[key] for key in keys]
     names = ", ".join(f'"{name}"' for name in columns)
-    arrays = ", ".join(f"%s::{table.c[name].type.compile(dialect=postgresql.dialect())}[]" for name in columns)
+    arrays = ", ".join(f"%b::{table.c[name].type.compile(dialect=postgresql.dialect())}[]" for name in columns)
     return (
         f"INSERT INTO {Job.__tablename__} ({names}) "
-        f"SELECT {names} FROM unnest({arrays}, %s::text[]) AS v({names}, submitter) "
+        f"SELECT {names} FROM unnest({arrays}, %b::text[]) AS v({names}, submitter) "
         f"WHERE v.submitter IS NULL OR EXISTS (SELECT 1 FROM {ApiKey.__tablename__} k "
         f"WHERE k.key_hash = v.submitter AND k.tenant_id = v.tenant_id AND k.revoked_at IS NULL) RETURNING id"
     )
