@@ -131,13 +131,13 @@ async def _submit_grouped(body: JobCreate, submitter: deps.Submitter) -> JobRead
         # CPU only, done here rather than after a hop to a worker thread. An images quota is charged in Redis.
         try:
             prepared = prepare_job(body, tenant_id)
+            if prepared.limits.images_per_period:
+                staged = await run_in_threadpool(_stage, body, tenant_id, prepared)
+            else:
+                staged = _stage(body, tenant_id, prepared)
         except Exception:
-            await deps.confirm(submitter)  # a revoked key is told so, not what else was wrong
+            await deps.confirm(submitter)  # a revoked key is told so, not what else was wrong (a quota, say)
             raise
-        if prepared.limits.images_per_period:
-            staged = await run_in_threadpool(_stage, body, tenant_id, prepared)
-        else:
-            staged = _stage(body, tenant_id, prepared)
     else:
         # Input images are fetched and stored, and a webhook host resolved, for a live key only.
         await deps.confirm(submitter)
