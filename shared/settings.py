@@ -118,8 +118,8 @@ class Settings(BaseSettings):
     encode_processes: int = Field(
         -1,
         ge=-1,
-        description="Processes beside a worker's pipeline that watermark and encode its images; -1: one per core"
-        " but one, at most 4; 0: encode in the worker process itself.",
+        description="Processes beside a worker's pipeline that watermark, encode, upload and record its images;"
+        " -1: one per core but one, at most 4; 0: all of it in the worker process itself.",
     )
     png_compress_level: int = Field(
         4,

@@ -98,16 +98,19 @@ def job_ended(job_id: str, outcome: str | None) -> None:
             state.outcomes["error"] += 1
 
 
-def record_outcomes(outcomes: dict[str, str]) -> None:
-    """Count each job a task ran (a batch runs several) and record the metrics of those that ended."""
+def count_outcomes(outcomes: dict[str, str]) -> None:
+    """Count each job a task ran (a batch runs several), for this worker's status report."""
     with state.counting:
         state.outcomes.update(outcomes.values())
-    ended = [job_id for job_id, outcome in outcomes.items() if outcome in ("succeeded", "failed")]
-    if ended:
+
+
+def record_metrics(job_ids: list[str]) -> None:
+    """Record the cluster metrics of jobs that ended, read back from the database (never raises)."""
+    if job_ids:
         try:
-            _record_metrics(ended)
+            _record_metrics(job_ids)
         except Exception as exc:
-            log.debug("metrics of jobs %s not recorded: %s", ", ".join(ended), type(exc).__name__)
+            log.debug("metrics of jobs %s not recorded: %s", ", ".join(job_ids), type(exc).__name__)
 
 
 def _record_metrics(job_ids: list[str]) -> None:

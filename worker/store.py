@@ -1,12 +1,18 @@
-"""Storing finished images: watermarked and encoded on a pool of processes beside the generating one,
-then uploaded.
+"""Storing finished images, and recording them: on a pool of processes beside the generating one.
 
 Watermarking and PNG encoding are CPU work in Python and numpy, about 60 ms for a 512x512 image on a
-2-core VM. In the generating process they would take the GIL from the pipeline, whose Python drives every
-kernel launch (for a small model it is most of the call), and one core cannot keep up with a GPU anyway:
-8 images/s of 512x512 need about half a core of encoding. `DARKROOM_ENCODE_PROCESSES` processes do it
-instead, started with `spawn` because the worker has already started torch's threads, which `fork` would
-copy in a broken state.
+2-core VM; an upload is Python too (a temporary file and a rename on disk; signing and sending with boto3
+on S3), and so is marking a batch succeeded (worker/record.py). In the generating process all of it would
+take the GIL from the pipeline, whose Python drives every kernel launch (for a small model it is most of
+the call): in bench.e2e the generating thread waited 15 ms per call of 8 beyond its CPU while a store
+thread uploaded and recorded the previous batch beside it, and 11 to 12 ms with both on these processes.
+And one core cannot keep up with a GPU anyway: 8 images/s of 512x512 need about half a core of encoding.
+
+`DARKROOM_ENCODE_PROCESSES` processes do it, one image per task (encode, then upload), then one task per
+batch to record it; they are started with `spawn` because the worker has already started torch's
+threads, which `fork` would copy in a broken state. The generating process only sends pixels and gets
+back each job's outcome. With no processes (0), or when one dies, the same functions run on the store
+thread.
 """
 
 from __future__ import annotations
@@ -16,20 +22,40 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
+from shared import logs
 from shared.settings import get_settings
-from shared.storage import output_key
-from worker.outputs import Encoded, encode_output
+from shared.storage import S3Storage, StorageUnavailable, get_storage, output_key, put_with_retry
+from worker import status
+from worker.outputs import encode_output
+from worker.record import Stored, record_batch
 
 log = logging.getLogger("darkroom.worker")
 
+# Without encoder processes, jobs stored at once on S3, whose uploads wait on the network. Local disk is
+# not worth it: threads encoding at once only fight over the GIL (bench.e2e measured 0.53 of direct
+# serially, 0.44 with four threads).
+STORE_THREADS = 4
+
 _pool: ProcessPoolExecutor | None = None
 _pool_pid: int | None = None
+
+
+@dataclass
+class ToStore:
+    """A job's finished images, with what their records and embedded parameters need."""
+
+    job_id: str
+    request: dict[str, Any]
+    images: list[Image.Image]
+    nsfw: list[bool]
+    sampler: str
 
 
 def processes() -> int:
@@ -45,14 +71,18 @@ def _executor() -> ProcessPoolExecutor | None:
     # A pool belongs to the process that started it: a forked child (Celery's pool) starts its own.
     if _pool is None or _pool_pid != os.getpid():
         context = multiprocessing.get_context("spawn")
-        _pool = ProcessPoolExecutor(count, mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),))
+        parent = (os.getpid(), status.worker_id())
+        _pool = ProcessPoolExecutor(count, mp_context=context, initializer=_start_encoder, initargs=parent)
         _pool_pid = os.getpid()
     return _pool
 
 
-def _watch_parent(parent: int) -> None:
-    """In an encoder process: exit once the worker that started it is gone. A killed worker (the hard time
-    limit, a crash) never shuts its pool down, and its encoders would otherwise wait for work forever."""
+def _start_encoder(parent: int, worker: str) -> None:
+    """In an encoder process: log as the worker does (an upload's retries are worth seeing), and exit once
+    the worker that started it is gone. A killed worker (the hard time limit, a crash) never shuts its pool
+    down, and its encoders would otherwise wait for work forever."""
+    logs.configure(os.environ.get("DARKROOM_LOG_FORMAT", "json"))
+    logs.worker.set(worker)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -70,48 +100,96 @@ def shutdown() -> None:
     _pool = None
 
 
-def encode_images(
-    images: list[Image.Image], request: dict[str, Any], *, job_id: str, seeds: list[int], sampler: str
-) -> list[Encoded]:
-    """`encode_output` of each image (with its seed), on the encoder processes when there are any."""
+def store_image(
+    image: Image.Image,
+    request: dict[str, Any],
+    *,
+    job_id: str,
+    index: int,
+    nsfw: bool,
+    sampler: str,
+    png_level: int,
+    upload_by: float,
+) -> dict[str, Any]:
+    """Encode image `index` of a job and upload it, retried through a storage outage (StorageUnavailable after
+    `upload_by`, a time.time()); its `outputs` record. Image i of a job is seeded `seed + i`."""
+    seed = int(request["seed"]) + index
+    encoded = encode_output(image, request, job_id=job_id, seed=seed, sampler=sampler, png_level=png_level)
+    key = output_key(job_id, index, encoded.extension)
+    seconds = max(0.0, upload_by - time.time())
+    put_with_retry(get_storage(), key, encoded.data, encoded.content_type, seconds=seconds)
+    return {
+        "key": key,
+        "width": image.width,
+        "height": image.height,
+        "seed": seed,
+        "content_type": encoded.content_type,
+        "nsfw": nsfw,
+        "watermark": encoded.watermarked,
+    }
+
+
+Outputs = list[dict[str, Any]] | StorageUnavailable
+
+
+def store_batch(jobs: list[ToStore]) -> dict[str, Outputs]:
+    """Store every image of `jobs`: each job's `outputs` records, or the StorageUnavailable that failed it.
+    On the encoder processes when there are any, every image at once; else here."""
     global _pool
+    settings = get_settings()
+    # One retry budget for the whole batch, not one per image: once storage has been away that long, the
+    # images still waiting for an encoder try once and give up, rather than each waiting out a budget of
+    # its own behind the others.
+    upload_by = time.time() + settings.storage_retry_seconds
+    options = {"png_level": settings.png_compress_level, "upload_by": upload_by}
     pool = _executor()
-    level = get_settings().png_compress_level
     if pool is not None:
         try:
-            futures = [
-                pool.submit(encode_output, image, request, job_id=job_id, seed=seed, sampler=sampler, png_level=level)
-                for image, seed in zip(images, seeds, strict=True)
-            ]
-            return [future.result() for future in futures]
+            submitted = {job.job_id: _submit_all(pool, job, options) for job in jobs}
+            return {job_id: _outputs(futures) for job_id, futures in submitted.items()}
         except (BrokenProcessPool, OSError) as exc:
-            # An encoder died (killed for memory, say) or could not start: a new pool next time, these here.
-            log.warning("encoder processes failed (%s); encoding job %s in the worker", type(exc).__name__, job_id)
+            # An encoder died (killed for memory, say) or could not start: a new pool next time, this batch
+            # here. Uploading an image again is harmless: same key, same bytes.
+            log.warning("encoder processes failed (%s); storing %d jobs in the worker", type(exc).__name__, len(jobs))
             _pool = None
-    return [
-        encode_output(image, request, job_id=job_id, seed=seed, sampler=sampler, png_level=level)
-        for image, seed in zip(images, seeds, strict=True)
-    ]
+    threads = STORE_THREADS if isinstance(get_storage(), S3Storage) else 1
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs)))) as here:
+        stored = {job.job_id: here.submit(_store_here, job, options) for job in jobs}
+        return {job_id: future.result() for job_id, future in stored.items()}
 
 
-def store_outputs(
-    storage: Any, job_id: str, request: dict[str, Any], images: list[Image.Image], nsfw: list[bool], *, sampler: str
-) -> list[dict[str, Any]]:
-    """Encode and upload each image; the job's `outputs` records."""
-    seeds = [int(request["seed"]) + index for index in range(len(images))]
-    outputs: list[dict[str, Any]] = []
-    for index, encoded in enumerate(encode_images(images, request, job_id=job_id, seeds=seeds, sampler=sampler)):
-        key = output_key(job_id, index, encoded.extension)
-        storage.put(key, encoded.data, encoded.content_type)
-        outputs.append(
-            {
-                "key": key,
-                "width": images[index].width,
-                "height": images[index].height,
-                "seed": seeds[index],
-                "content_type": encoded.content_type,
-                "nsfw": nsfw[index],
-                "watermark": encoded.watermarked,
-            }
-        )
-    return outputs
+def _submit_all(pool: ProcessPoolExecutor, job: ToStore, options: dict[str, Any]) -> list[Future[Any]]:
+    return [pool.submit(store_image, im, job.request, **_args(job, i, options)) for i, im in enumerate(job.images)]
+
+
+def record(stored: Stored, *, ended_before: list[str]) -> dict[str, str]:
+    """`record.record_batch` on an encoder process when there are any, else here."""
+    global _pool
+    pool = _executor()
+    if pool is not None:
+        try:
+            return pool.submit(record_batch, stored, ended_before=ended_before).result()
+        except (BrokenProcessPool, OSError) as exc:
+            # Recording again is safe: a job already marked succeeded is not marked twice (it reads as
+            # discarded in this worker's counters, and stays succeeded).
+            log.warning("encoder processes failed (%s); recording in the worker", type(exc).__name__)
+            _pool = None
+    return record_batch(stored, ended_before=ended_before)
+
+
+def _args(job: ToStore, index: int, options: dict[str, Any]) -> dict[str, Any]:
+    return {"job_id": job.job_id, "index": index, "nsfw": job.nsfw[index], "sampler": job.sampler, **options}
+
+
+def _outputs(futures: list[Future[Any]]) -> Outputs:
+    try:
+        return [future.result() for future in futures]
+    except StorageUnavailable as exc:
+        return exc
+
+
+def _store_here(job: ToStore, options: dict[str, Any]) -> Outputs:
+    try:
+        return [store_image(im, job.request, **_args(job, i, options)) for i, im in enumerate(job.images)]
+    except StorageUnavailable as exc:
+        return exc

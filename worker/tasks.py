@@ -19,11 +19,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared import broker, limits
 from shared.db import DB_UNAVAILABLE, retry_unit_of_work, session_scope
-from shared.jobs import fail_job, hand_back, succeed_jobs
+from shared.jobs import fail_job, hand_back
 from shared.registry import get_registry
 from shared.scheduling import claim_jobs, held_back_queues, queue_of
 from shared.settings import Settings, get_settings
-from shared.storage import S3Storage, Storage, StorageUnavailable, get_storage, put_with_retry
 from shared.tables import Job
 from worker import failures, status
 from worker.batching import Member, StepHook, full_call_seconds, gather, run_batch
@@ -31,7 +30,7 @@ from worker.generate import StopGeneration
 from worker.lease import Heartbeat
 from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
 from worker.safety import nsfw_flags
-from worker.store import store_outputs
+from worker.store import ToStore, record, store_batch
 from worker.variants import prepare_pipeline, sampler_name
 
 __all__ = ["StepHook", "pipeline_cache", "run_job"]
@@ -39,8 +38,6 @@ __all__ = ["StepHook", "pipeline_cache", "run_job"]
 log = logging.getLogger("darkroom.worker")
 
 _cache: PipelineCache | None = None
-# Jobs of one batch stored at once (encoding and upload) on S3.
-STORE_THREADS = 4
 
 
 def pipeline_cache() -> PipelineCache:
@@ -321,64 +318,26 @@ def compute(model: str, queue: str, members: list[Member], tenants: set[str], se
     return computed
 
 
-class RetryingStorage:
-    """The storage, with every put retried through an outage (raises StorageUnavailable once spent)."""
-
-    def __init__(self, storage: Storage, seconds: float):
-        self.storage, self.seconds = storage, seconds
-
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        put_with_retry(self.storage, key, data, content_type, seconds=self.seconds)
-
-
 def store_and_record(computed: Computed, settings: Settings) -> Stored:
     """Encode and upload each finished job's images (retried through a storage outage), then mark the jobs
-    succeeded together. Runs on the store thread, under its own heartbeat, while the next batch generates."""
+    succeeded together and record the batch's metrics. Runs on the store thread, under its own heartbeat,
+    while the next batch generates; the work itself runs on the encoder processes (worker/store.py)."""
     outcomes = dict(computed.outcomes)
     finished = computed.finished
+    ended_before = [job_id for job_id, outcome in outcomes.items() if outcome == "failed"]
     if finished:
         with Heartbeat({f.member.job_id: f.member.attempt for f in finished}, settings.lease_seconds):
-            outcomes.update(record_successes(finished, settings, outcomes))
+            uploads = store_batch(
+                [ToStore(f.member.job_id, f.member.request, f.images, f.nsfw, f.sampler) for f in finished]
+            )
+            stored = {f.member.job_id: (f.member.attempt, uploads[f.member.job_id]) for f in finished}
+            outcomes.update(record(stored, ended_before=ended_before))
+    else:
+        status.record_metrics(ended_before)
     for member in computed.members:
         outcomes.setdefault(member.job_id, "stopped")
-    status.record_outcomes(outcomes)
+    status.count_outcomes(outcomes)
     return Stored(outcomes, computed.tenants)
-
-
-def record_successes(finished: list[Finished], settings: Settings, outcomes: dict[str, str]) -> dict[str, str]:
-    storage = RetryingStorage(get_storage(), settings.storage_retry_seconds)
-    outputs: dict[str, list[dict[str, Any]]] = {}
-    uploaded: list[Member] = []
-
-    def store(f: Finished) -> list[dict[str, Any]]:
-        return store_outputs(storage, f.member.job_id, f.member.request, f.images, f.nsfw, sampler=f.sampler)
-
-    # Uploads to S3 wait on the network, so a batch's jobs are stored side by side there, in about the time of
-    # the slowest. Local disk is not worth it: threads encoding at once only fight over the GIL (bench.e2e
-    # measured 0.53 of direct serially, 0.44 with four threads).
-    threads = STORE_THREADS if isinstance(storage.storage, S3Storage) else 1
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(finished)))) as pool:
-        stored = [(f.member, pool.submit(store, f)) for f in finished]
-        for member, future in stored:
-            try:
-                outputs[member.job_id] = future.result()
-            except StorageUnavailable as exc:
-                # Nothing is listed for this job: its outputs appear only with the `succeeded` UPDATE.
-                fail_members([member], "storage_unavailable", str(exc), outcomes, settings)
-                continue
-            uploaded.append(member)
-
-    def write(session: Any) -> dict[str, str]:
-        won = succeed_jobs(session, {m.job_id: (m.attempt, outputs[m.job_id]) for m in uploaded})
-        return {m.job_id: "succeeded" if m.job_id in won else "discarded" for m in uploaded}
-
-    recorded = retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="results of a batch")
-    for job_id, outcome in recorded.items():
-        if outcome == "discarded":
-            log.info("job %s finished but was canceled or taken over meanwhile; outputs discarded", job_id)
-        else:
-            log.info("job %s succeeded with %d images", job_id, len(outputs[job_id]))
-    return recorded
 
 
 def hand_back_all(members: list[Member], queue: str) -> dict[str, str]:

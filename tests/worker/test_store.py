@@ -1,5 +1,5 @@
-"""Encoding on the encoder processes (worker/store.py): the same bytes as in the worker, and no lost image
-when an encoder dies."""
+"""Storing on the encoder processes (worker/store.py): the same objects as the worker would upload itself,
+and no lost image when an encoder dies."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared.storage import get_storage, output_key
 from tests.support import reset_caches
 from worker import store
 from worker.outputs import encode_output
 from worker.watermark import has_watermark
 
-REQUEST = {"task": "txt2img", "model": "tiny-sd", "prompt": "a lighthouse", "steps": 3, "guidance_scale": 7.0}
+REQUEST = {"task": "txt2img", "model": "tiny-sd", "prompt": "a lighthouse", "steps": 3, "guidance_scale": 7, "seed": 5}
 
 
 @pytest.fixture
@@ -34,31 +35,67 @@ def noise(seed: int, size: tuple[int, int] = (96, 64)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def encode_here(images: list[Image.Image], request: dict[str, Any]) -> list[tuple[bytes, bool]]:
-    encoded = [encode_output(im, request, job_id="j", seed=s, sampler="Euler") for s, im in enumerate(images)]
+def job(job_id: str, images: list[Image.Image], request: dict[str, Any] = REQUEST) -> store.ToStore:
+    return store.ToStore(job_id, request, images, [False] * len(images), "Euler")
+
+
+def encode_here(images: list[Image.Image], request: dict[str, Any], job_id: str) -> list[tuple[bytes, bool]]:
+    seed = request["seed"]
+    encoded = [encode_output(im, request, job_id=job_id, seed=seed + i, sampler="Euler") for i, im in enumerate(images)]
     return [(e.data, e.watermarked) for e in encoded]
 
 
+def uploaded(outputs: Any) -> list[tuple[bytes, bool]]:
+    assert isinstance(outputs, list), outputs
+    return [(get_storage().get(o["key"]), o["watermark"]) for o in outputs]
+
+
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
-def test_encoder_processes_write_the_bytes_the_worker_would(encoders: None, fmt: str) -> None:
-    images = [noise(seed) for seed in range(3)]
+def test_encoder_processes_upload_what_the_worker_would(encoders: None, fmt: str) -> None:
     request = {**REQUEST, "output_format": fmt, "quality": 90}
-    encoded = store.encode_images(images, request, job_id="j", seeds=[0, 1, 2], sampler="Euler")
-    assert [(e.data, e.watermarked) for e in encoded] == encode_here(images, request)
-    assert encoded[0].watermarked == (fmt == "png")  # a JPEG this small loses the mark, and says so
+    jobs = [job("a", [noise(0), noise(1)], request), job("b", [noise(2)], request)]
+    stored = store.store_batch(jobs)
+    for one in jobs:
+        assert uploaded(stored[one.job_id]) == encode_here(one.images, request, one.job_id)
+    extension = "png" if fmt == "png" else "jpg"
+    assert [o["key"] for o in stored["a"]] == [output_key("a", 0, extension), output_key("a", 1, extension)]  # type: ignore[union-attr]
+    assert [o["seed"] for o in stored["a"]] == [5, 6]  # type: ignore[union-attr]
+    assert stored["b"][0]["watermark"] == (fmt == "png")  # type: ignore[index]  # a JPEG this small loses it
     assert store._pool is not None and all(pid != os.getpid() for pid in store._pool._processes)
 
 
 def test_a_killed_encoder_loses_no_image(encoders: None) -> None:
     images = [noise(seed) for seed in range(2)]
-    store.encode_images(images, REQUEST, job_id="j", seeds=[0, 1], sampler="Euler")  # starts the pool
+    store.store_batch([job("warm", images)])  # starts the pool
     pool = store._pool
     assert pool is not None
     for pid in list(pool._processes):
         os.kill(pid, signal.SIGKILL)
-    encoded = store.encode_images(images, REQUEST, job_id="j", seeds=[0, 1], sampler="Euler")
-    assert [(e.data, e.watermarked) for e in encoded] == encode_here(images, REQUEST)
-    assert all(has_watermark(Image.open(BytesIO(e.data))) for e in encoded)
+    stored = store.store_batch([job("j", images)])
+    assert uploaded(stored["j"]) == encode_here(images, REQUEST, "j")
+    assert all(has_watermark(Image.open(BytesIO(data))) for data, _ in uploaded(stored["j"]))
     # The next batch gets a fresh pool, not the broken one.
-    store.encode_images(images, REQUEST, job_id="j", seeds=[0, 1], sampler="Euler")
+    store.store_batch([job("k", images)])
     assert store._pool is not None and store._pool is not pool
+
+
+def test_encoder_processes_record_a_batch_in_the_database(encoders: None) -> None:
+    from shared.db import session_scope
+    from shared.jobs import get_job
+    from shared.scheduling import claim_jobs
+    from shared.storage import StorageUnavailable
+    from tests.worker.test_batching import submit
+
+    stored_id, lost_id = submit(prompt="kept"), submit(prompt="lost")
+    with session_scope() as session:
+        claimed = claim_jobs(session, "model.tiny-sd", worker_id="w", lease_seconds=60, max_jobs=2)
+    assert {job.id for job in claimed} == {stored_id, lost_id}
+    uploaded = store.store_batch([job(stored_id, [noise(0)])])[stored_id]
+    outcomes = store.record(
+        {stored_id: (1, uploaded), lost_id: (1, StorageUnavailable("storage did not answer"))}, ended_before=[]
+    )
+    assert outcomes == {stored_id: "succeeded", lost_id: "failed"}
+    with session_scope() as session:
+        kept, lost = get_job(session, stored_id), get_job(session, lost_id)
+        assert (kept.status, kept.outputs) == ("succeeded", uploaded)
+        assert (lost.status, lost.error_code, lost.outputs) == ("failed", "storage_unavailable", None)
