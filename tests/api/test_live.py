@@ -38,10 +38,13 @@ def test_a_long_poll_answers_when_the_job_ends(api: TestClient, auth: dict[str, 
         time.sleep(0.5)
         api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
 
-    threading.Thread(target=cancel_soon).start()
+    canceller = threading.Thread(target=cancel_soon)
+    canceller.start()
     started = time.monotonic()
     assert api.get(f"/v1/jobs/{job['id']}?wait=30", headers=auth).json()["status"] == "canceled"
     assert time.monotonic() - started < 25  # it did not sit out its whole wait
+    # The cancel's own answer may still be on its way: the client must not close under it.
+    canceller.join(timeout=10)
 
 
 def test_prefer_wait_on_submit_gives_202_when_the_job_is_not_done_in_time(
