@@ -143,6 +143,7 @@ class HTTPConnection:
         self._status = 0
         self._body: list[bytes] = []
         self._done = False
+        self._keep_alive = True
         self._parser = httptools.HttpResponseParser(self)
 
     # httptools callbacks
@@ -150,6 +151,9 @@ class HTTPConnection:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        # Asked here: once feed_data returns, llhttp has reset for the next message and always says False,
+        # which had this client open a new connection for every request.
+        self._keep_alive = self._parser.should_keep_alive()
         self._done = True
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
@@ -164,7 +168,7 @@ class HTTPConnection:
                 raise ConnectionError("the server closed the connection")
             self._parser.feed_data(data)
         status = self._parser.get_status_code()
-        if not self._parser.should_keep_alive():
+        if not self._keep_alive:
             await self.close()
         return status, b"".join(self._body)
 
