@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared import broker, limits
 from shared.db import DB_UNAVAILABLE, retry_unit_of_work, session_scope
-from shared.jobs import fail_job, hand_back
+from shared.jobs import hand_back
 from shared.registry import get_registry
 from shared.scheduling import claim_jobs, held_back_queues, queue_of
 from shared.settings import Settings, get_settings
@@ -29,6 +29,7 @@ from worker.batching import Member, StepHook, full_call_seconds, gather, run_bat
 from worker.generate import StopGeneration
 from worker.lease import Heartbeat
 from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
+from worker.record import fail_jobs
 from worker.safety import nsfw_flags
 from worker.store import ToStore, record, store_batch
 from worker.variants import prepare_pipeline, sampler_name
@@ -242,15 +243,8 @@ class Stored:
     tenants: set[str]
 
 
-def fail_members(targets: list[Member], code: str, message: str, outcomes: dict[str, str], settings: Settings) -> None:
-    def write(session: Any) -> None:
-        for member in targets:
-            fail_job(session, member.job_id, attempt=member.attempt, code=code, message=message)
-
-    retry_unit_of_work(write, seconds=settings.db_retry_seconds, what="failure of a batch")
-    for member in targets:
-        outcomes[member.job_id] = "failed"
-        log.warning("job %s failed: %s: %s", member.job_id, code, message)
+def fail_members(targets: list[Member], code: str, message: str, outcomes: dict[str, str]) -> None:
+    fail_jobs({member.job_id: (member.attempt, message) for member in targets}, code, outcomes)
 
 
 def compute(model: str, queue: str, members: list[Member], tenants: set[str], settings: Settings) -> Computed:
@@ -259,7 +253,7 @@ def compute(model: str, queue: str, members: list[Member], tenants: set[str], se
     outcomes = computed.outcomes
 
     def fail(targets: list[Member], code: str, message: str) -> None:
-        fail_members(targets, code, message, outcomes, settings)
+        fail_members(targets, code, message, outcomes)
 
     log.info("running %d jobs (%d images) of %s", len(members), sum(m.images for m in members), model)
     for member in members:
