@@ -17,7 +17,9 @@ invisible-watermark without its opencv-python dependency.
 
 from __future__ import annotations
 
+import importlib.util
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,9 +93,8 @@ def _batched_transform() -> type:
     blocks at once (batched DCT as matrix products, batched SVD) takes a few ms and writes the same mark,
     read back by the package's own decoder. Built once, on first use: the package pulls in OpenCV.
     """
-    from imwatermark.dwtDctSvd import EmbedDwtDctSvd
 
-    class Batched(EmbedDwtDctSvd):
+    class Batched(_package_transform()):  # type: ignore[misc]
         def encode_frame(self, frame: np.ndarray, scale: float) -> None:
             blocks, rows, cols = _blocks(frame)
             wanted = np.asarray(self._watermarks, dtype=np.float64)[np.arange(len(blocks)) % self._wmLen]
@@ -115,6 +116,21 @@ def _batched_transform() -> type:
             return scores
 
     return Batched
+
+
+def _package_transform() -> type:
+    """The package's `EmbedDwtDctSvd`, from its module alone. Importing it the usual way runs the package's
+    `__init__`, which imports its RivaGAN watermarker and with it torch: seconds in every encoder process
+    (worker/store.py), which never use torch, and a process's first image waited for them."""
+    package = importlib.util.find_spec("imwatermark")
+    if package is None or not package.submodule_search_locations:
+        raise ModuleNotFoundError("invisible-watermark is not installed", name="imwatermark")
+    path = Path(package.submodule_search_locations[0]) / "dwtDctSvd.py"
+    spec = importlib.util.spec_from_file_location("darkroom_imwatermark_dwtdctsvd", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EmbedDwtDctSvd
 
 
 def _transform(bits: list[int]) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from io import BytesIO
 from typing import Any
@@ -62,6 +63,23 @@ def test_encoder_processes_upload_what_the_worker_would(encoders: None, fmt: str
     assert [o["seed"] for o in stored["a"]] == [5, 6]  # type: ignore[union-attr]
     assert stored["b"][0]["watermark"] == (fmt == "png")  # type: ignore[index]  # a JPEG this small loses it
     assert store._pool is not None and all(pid != os.getpid() for pid in store._pool._processes)
+
+
+def torch_loaded() -> bool:
+    return "torch" in sys.modules
+
+
+def test_encoders_are_up_before_the_first_batch_and_never_load_torch(encoders: None) -> None:
+    # A worker starts its encoders with its pipeline code (worker/app.py): the first job's images must not
+    # wait on a process starting, nor on its importing torch, which the watermark package would pull in
+    # (seconds each on a GPU host, where the first full batches were stored 4 to 8 times slower).
+    store.start()
+    pool = store._pool
+    assert pool is not None and len(pool._processes) == store.processes() == 2
+    stored = store.store_batch([job("a", [noise(seed) for seed in range(4)])])
+    assert all(o["watermark"] for o in stored["a"])  # type: ignore[union-attr]
+    assert store._pool is pool
+    assert not any(pool.submit(torch_loaded).result() for _ in range(6))
 
 
 def test_a_killed_encoder_loses_no_image(encoders: None) -> None:
