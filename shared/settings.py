@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         description="How long a worker waits for compatible jobs to join a batch that is not yet full.",
     )
     batch_wait_fraction: float = Field(
-        0.1,
+        0.25,
         ge=0,
         le=1,
         description="While compatible jobs keep arriving, a batch that is not full waits on for them, up to this "

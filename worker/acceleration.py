@@ -66,7 +66,9 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     # Compiled shapes are text-to-image shapes; an upscaler's follow its input images, so it runs eagerly.
     if settings.compile and getattr(pipe, "unet", None) is not None and not is_upscaler(pipe):
         configure_compile_cache(settings)
-        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+        # Static shapes: calls are padded to the listed buckets, so each bucket gets kernels specialised to
+        # its sizes; by default a second shape would turn the batch dimension symbolic for every bucket.
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", dynamic=False)
         warm(pipe, parse_shapes(settings.compile_shapes))
     return pipe
 
