@@ -81,10 +81,10 @@ def start() -> None:
     """Start every encoder process now, in the background, rather than on the first batch to store.
 
     A pool starts its processes one per task submitted while none is idle, and a spawned process takes
-    seconds to import what it needs: started on first use, the first job waited 6 s for one (an H200 run),
-    and the first full batches were stored by the one or two processes already up while the others were
-    still importing (2 to 4.4 s for 16 images, against 0.55 s once all four were up), holding back the
-    next call. One trivial task per process makes the pool start them all.
+    seconds to import what it needs. Started on first use (and, until the watermark stopped pulling torch
+    into them, importing torch at their first image), they made the first job of an H200 run wait 6 s,
+    and stored its first full batches in 2 to 4.4 s for 16 images, against 0.5 s once all were up: the
+    next call waited for them. One trivial task per process makes the pool start them all.
     """
     pool = _executor()
     if pool is not None:
