@@ -22,10 +22,11 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -37,6 +38,7 @@ from worker.outputs import encode_output
 from worker.record import Stored, record_batch
 
 log = logging.getLogger("darkroom.worker")
+T = TypeVar("T")
 
 # Without encoder processes, jobs stored at once on S3, whose uploads wait on the network. Local disk is
 # not worth it: threads encoding at once only fight over the GIL (bench.e2e measured 0.53 of direct
@@ -150,27 +152,25 @@ Outputs = list[dict[str, Any]] | StorageUnavailable
 def store_batch(jobs: list[ToStore]) -> dict[str, Outputs]:
     """Store every image of `jobs`: each job's `outputs` records, or the StorageUnavailable that failed it.
     On the encoder processes when there are any, every image at once; else here."""
-    global _pool
     settings = get_settings()
     # One retry budget for the whole batch, not one per image: once storage has been away that long, the
     # images still waiting for an encoder try once and give up, rather than each waiting out a budget of
     # its own behind the others.
     upload_by = time.time() + settings.storage_retry_seconds
     options = {"png_level": settings.png_compress_level, "upload_by": upload_by}
-    pool = _executor()
-    if pool is not None:
-        try:
-            submitted = {job.job_id: _submit_all(pool, job, options) for job in jobs}
-            return {job_id: _outputs(futures) for job_id, futures in submitted.items()}
-        except (BrokenProcessPool, OSError) as exc:
-            # An encoder died (killed for memory, say) or could not start: a new pool next time, this batch
-            # here. Uploading an image again is harmless: same key, same bytes.
-            log.warning("encoder processes failed (%s); storing %d jobs in the worker", type(exc).__name__, len(jobs))
-            _pool = None
-    threads = STORE_THREADS if isinstance(get_storage(), S3Storage) else 1
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs)))) as here:
-        stored = {job.job_id: here.submit(_store_here, job, options) for job in jobs}
-        return {job_id: future.result() for job_id, future in stored.items()}
+
+    def on(pool: ProcessPoolExecutor) -> dict[str, Outputs]:
+        submitted = {job.job_id: _submit_all(pool, job, options) for job in jobs}
+        return {job_id: _outputs(futures) for job_id, futures in submitted.items()}
+
+    def here() -> dict[str, Outputs]:
+        threads = STORE_THREADS if isinstance(get_storage(), S3Storage) else 1
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs)))) as local:
+            stored = {job.job_id: local.submit(_store_here, job, options) for job in jobs}
+            return {job_id: future.result() for job_id, future in stored.items()}
+
+    # Uploading an image again is harmless: same key, same bytes.
+    return _on_encoders(on, here, f"storing {len(jobs)} jobs")
 
 
 def _submit_all(pool: ProcessPoolExecutor, job: ToStore, options: dict[str, Any]) -> list[Future[Any]]:
@@ -179,17 +179,27 @@ def _submit_all(pool: ProcessPoolExecutor, job: ToStore, options: dict[str, Any]
 
 def record(stored: Stored, *, ended_before: list[str]) -> dict[str, str]:
     """`record.record_batch` on an encoder process when there are any, else here."""
+    # Recording again is safe: a job already marked succeeded is not marked twice (it reads as discarded in
+    # this worker's counters, and stays succeeded).
+    return _on_encoders(
+        lambda pool: pool.submit(record_batch, stored, ended_before=ended_before).result(),
+        lambda: record_batch(stored, ended_before=ended_before),
+        "recording",
+    )
+
+
+def _on_encoders(on: Callable[[ProcessPoolExecutor], T], here: Callable[[], T], what: str) -> T:
+    """`on(pool)` on the encoder processes; `here()` when there are none, or when one died (killed for
+    memory, say) or could not start: then a new pool next time, and this work again here."""
     global _pool
     pool = _executor()
     if pool is not None:
         try:
-            return pool.submit(record_batch, stored, ended_before=ended_before).result()
+            return on(pool)
         except (BrokenProcessPool, OSError) as exc:
-            # Recording again is safe: a job already marked succeeded is not marked twice (it reads as
-            # discarded in this worker's counters, and stays succeeded).
-            log.warning("encoder processes failed (%s); recording in the worker", type(exc).__name__)
+            log.warning("encoder processes failed (%s); %s in the worker", type(exc).__name__, what)
             _pool = None
-    return record_batch(stored, ended_before=ended_before)
+    return here()
 
 
 def _args(job: ToStore, index: int, options: dict[str, Any]) -> dict[str, Any]:
