@@ -294,14 +294,20 @@ def test_no_wait_with_a_zero_window_or_a_full_batch() -> None:
     assert clock.slept == 0
 
 
-def test_company_arriving_within_the_window_joins() -> None:
-    clock = FakeClock()
-    arrivals = {100.004: 2, 100.006: 3}
+def arriving_at(arrivals: dict[float, int], clock: FakeClock) -> Any:
+    """A claim function for company that arrives `arrivals[t]` jobs `t` seconds from now."""
+    pending = {clock.now + t: count for t, count in arrivals.items()}
 
     def claim(room: int) -> int:
-        arrived = [t for t in arrivals if t <= clock.now]
-        return min(room, sum(arrivals.pop(t) for t in arrived))
+        arrived = [t for t in list(pending) if t <= clock.now]
+        return min(room, sum(pending.pop(t) for t in arrived))
 
+    return claim
+
+
+def test_company_arriving_within_the_window_joins() -> None:
+    clock = FakeClock()
+    claim = arriving_at({0.004: 2, 0.006: 3}, clock)
     assert gather(claim, images=1, max_images=8, window_s=0.010, clock=clock, sleep=clock.sleep) == 6
     assert clock.slept <= 0.010 + 1e-9
 
@@ -335,32 +341,20 @@ def test_a_burst_still_arriving_is_waited_for_within_the_stretch() -> None:
 def test_a_burst_arriving_in_clumps_fills_the_call() -> None:
     # As a burst came over HTTP on an H200: a first job joins at once, the rest in clumps 30 ms apart, longer
     # than the 10 ms window. Once company has come, a pause of a quarter of the stretch ends gathering.
+    clumps = {0.005: 1, **{0.035 + 0.030 * i: 3 for i in range(5)}}
     clock = FakeClock()
-    start = clock.now
-    arrivals = {start + 0.005: 1, **{start + 0.035 + 0.030 * i: 3 for i in range(5)}}
-
-    def claim(room: int) -> int:
-        arrived = [t for t in list(arrivals) if t <= clock.now]
-        return min(room, sum(arrivals.pop(t) for t in arrived))
-
+    claim = arriving_at(clumps, clock)
     assert gather(claim, images=1, max_images=16, window_s=0.010, stretch_s=0.6, clock=clock, sleep=clock.sleep) == 16
     assert clock.slept <= 0.155 + 0.002  # the last clump's arrival, then no more waiting
     # Without a stretch, the window alone: the first job only.
     clock = FakeClock()
-    start = clock.now
-    arrivals = {start + 0.005: 1, **{start + 0.035 + 0.030 * i: 3 for i in range(5)}}
+    claim = arriving_at(clumps, clock)
     assert gather(claim, images=1, max_images=16, window_s=0.010, clock=clock, sleep=clock.sleep) == 2
 
 
 def test_once_a_burst_stops_arriving_gathering_ends_within_a_quarter_of_the_stretch() -> None:
     clock = FakeClock()
-    start = clock.now
-    arrivals = {start + 0.004: 2}
-
-    def claim(room: int) -> int:
-        arrived = [t for t in list(arrivals) if t <= clock.now]
-        return min(room, sum(arrivals.pop(t) for t in arrived))
-
+    claim = arriving_at({0.004: 2}, clock)
     assert gather(claim, images=1, max_images=16, window_s=0.010, stretch_s=0.6, clock=clock, sleep=clock.sleep) == 3
     assert 0.15 <= clock.slept <= 0.004 + 0.15 + 0.002 + 1e-9
 
