@@ -11,11 +11,9 @@ A throw-away darkroom (its own PostgreSQL database, Redis key prefix and data di
    id) committed on its own, plus one Redis LPUSH of a Celery-sized message. asyncio psycopg and
    redis.asyncio, one connection each per client.
 
-The load generator is one asyncio process (uvloop) speaking HTTP/1.1 over keep-alive connections with
-httptools, the parser uvicorn itself uses. On a 2-core machine the client shares the CPU with the server
-it measures, so it has to be cheap: httpx costs several hundred microseconds of CPU per request, enough
-to slow the server down by itself; this client costs a few tens (its CPU share of the run is printed).
-Several client processes would only add more contenders for the same two cores.
+The load generator is one asyncio process (uvloop) with the cheap keep-alive client of bench/client.py
+(its CPU share of the run is printed). Several client processes would only add more contenders for the
+same two cores.
 
     python -m bench.api [--seconds 10] [--concurrency 32] [--api-workers N]
 
@@ -40,13 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httptools
 import httpx
 import uvloop
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bench.client import HTTPConnection, http_request
 from bench.e2e import PG_ADMIN_URL, REDIS_URL, ROOT, darkroom, free_port, stop, wait_until
 
 console = Console(stderr=True)
@@ -131,60 +129,6 @@ class Service:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
         admin.dispose()
-
-
-class HTTPConnection:
-    """One keep-alive HTTP/1.1 connection; one request at a time, answers read by httptools."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self._status = 0
-        self._body: list[bytes] = []
-        self._done = False
-        self._keep_alive = True
-        self._parser = httptools.HttpResponseParser(self)
-
-    # httptools callbacks
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        # Asked here: once feed_data returns, llhttp has reset for the next message and always says False,
-        # which had this client open a new connection for every request.
-        self._keep_alive = self._parser.should_keep_alive()
-        self._done = True
-
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        self._body, self._done = [], False
-        self.writer.write(raw)
-        while not self._done:
-            data = await self.reader.read(65536)
-            if not data:
-                raise ConnectionError("the server closed the connection")
-            self._parser.feed_data(data)
-        status = self._parser.get_status_code()
-        if not self._keep_alive:
-            await self.close()
-        return status, b"".join(self._body)
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-            self._parser = httptools.HttpResponseParser(self)
-
-
-def http_request(method: str, path: str, port: int, key: str, body: dict[str, Any] | None = None) -> bytes:
-    payload = json.dumps(body).encode() if body is not None else b""
-    head = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Authorization: Bearer {key}"]
-    if body is not None:
-        head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
 
 
 def tree_cpu_seconds(pid: int) -> float:

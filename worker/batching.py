@@ -106,13 +106,21 @@ class StepHook:
     """Called after every denoising step: drops canceled or lost jobs, records progress at a bounded rate.
 
     Raises StopGeneration once no job of the call is left. `dropped` is shared with the heartbeat, which
-    adds jobs whose lease it could no longer renew.
+    adds jobs whose lease it could no longer renew. `near_end` is called at a call's last step, before its
+    decode (the worker claims its next batch then).
     """
 
     def __init__(
-        self, members: list[Member], interval: float, dropped: set[str] | None = None, *, preview_every: int = 0
+        self,
+        members: list[Member],
+        interval: float,
+        dropped: set[str] | None = None,
+        *,
+        preview_every: int = 0,
+        near_end: Callable[[], None] | None = None,
     ):
         self.members = members
+        self.near_end = near_end
         self.interval = interval
         self.dropped = dropped if dropped is not None else set()
         # The claim that set the jobs running counts as their first write: a call shorter than the interval
@@ -124,7 +132,7 @@ class StepHook:
 
     def only(self, members: list[Member]) -> StepHook:
         """The same hook over a subset of the jobs (one call per job), sharing what was dropped."""
-        return StepHook(members, self.interval, self.dropped, preview_every=self.preview_every)
+        return StepHook(members, self.interval, self.dropped, preview_every=self.preview_every, near_end=self.near_end)
 
     def see_latents(self, step: int, latents: torch.Tensor, factors: Factors) -> None:
         # Only a reference: a preview is drawn when progress is next written, not at every step.
@@ -159,6 +167,8 @@ class StepHook:
         self.drop_canceled()
         if status.stop_requested():
             raise StopGeneration("worker shutting down")
+        if step == total and self.near_end is not None:
+            self.near_end()
         now = time.monotonic()
         live = self.live()
         if live and (step == total or now - self.last_write >= self.interval):

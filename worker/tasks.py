@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from worker import failures, status
 from worker.batching import Member, StepHook, full_call_seconds, gather, run_batch
 from worker.generate import StopGeneration
 from worker.lease import Heartbeat
+from worker.next_batch import NextBatch
 from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
 from worker.record import fail_jobs
 from worker.safety import nsfw_flags
@@ -64,11 +66,11 @@ def run_job(job_id: str) -> str:
     Encoding, watermarking and uploading a batch's images is CPU work of about the size of the call itself
     on a GPU; done between calls, it leaves the accelerator idle that long. Here batch N is stored and
     recorded on a second thread (encoding itself on the encoder processes, worker/store.py) while batch
-    N+1 generates. The next batch is claimed only once this one's call is over, so a job reads `running`
-    only while it runs; claims follow the same scheduling rule as a fresh token's, so priorities and fair
-    share hold, and the tokens of the jobs the loop ran find nothing queued and are skipped. It stops
-    claiming once a quarter of the task's soft time limit has passed, so that the last batch keeps most of
-    the limit for itself, and when the worker is stopping.
+    N+1 generates. Batch N+1 is claimed while batch N's call decodes (worker/next_batch.py), so a job reads
+    `running` from one decode before its call; claims follow the same scheduling rule as a fresh token's,
+    so priorities and fair share hold, and the tokens of the jobs the loop ran find nothing queued and are
+    skipped. It stops claiming once a quarter of the task's soft time limit has passed, so that the last
+    batch keeps most of the limit for itself, and when the worker is stopping.
     """
     settings = get_settings()
     me = worker_id()
@@ -95,18 +97,24 @@ def run_job(job_id: str) -> str:
         return retry_unit_of_work(claim, seconds=settings.db_retry_seconds, what="claim of a next batch")
 
     outcomes: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as storer:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as storer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim") as claimer,
+    ):
         storing: Future[Stored] | None = None
         while claimed:
             members, tenants = gather_company(claimed, settings, me)
             status.state.current_job = members[0].job_id
-            computed = compute(claimed[0].model, queue, members, tenants, settings)
+            following = NextBatch(claimer, claim_next, until=stop_claiming_at, stopping=status.stop_requested)
+            computed = compute(claimed[0].model, queue, members, tenants, settings, near_end=following.start)
             if storing is not None:
                 outcomes.update(settle(storing.result()))
             storing = storer.submit(store_and_record, computed, settings)
-            if computed.stopped or status.stop_requested() or time.monotonic() > stop_claiming_at:
+            if computed.stopped or status.stop_requested():
+                # Claimed during the last step of a call that then stopped the loop: never run, so not an attempt.
+                outcomes.update(hand_back_all([member_of(job) for job in following.claimed()], queue))
                 break
-            claimed = claim_next()
+            claimed = following.take()
         if storing is not None:
             outcomes.update(settle(storing.result()))
     return summary(outcomes)
@@ -247,8 +255,17 @@ def fail_members(targets: list[Member], code: str, message: str, outcomes: dict[
     fail_jobs({member.job_id: (member.attempt, message) for member in targets}, code, outcomes)
 
 
-def compute(model: str, queue: str, members: list[Member], tenants: set[str], settings: Settings) -> Computed:
-    """Generate a claimed batch and run the safety check; what fails on the way is recorded here."""
+def compute(
+    model: str,
+    queue: str,
+    members: list[Member],
+    tenants: set[str],
+    settings: Settings,
+    *,
+    near_end: Callable[[], None] | None = None,
+) -> Computed:
+    """Generate a claimed batch and run the safety check; what fails on the way is recorded here.
+    `near_end` is called when a call of the batch reaches its last denoising step."""
     computed = Computed(members, tenants)
     outcomes = computed.outcomes
 
@@ -265,7 +282,13 @@ def compute(model: str, queue: str, members: list[Member], tenants: set[str], se
         if spec is None:
             fail(members, "unknown_model", f"model {runs!r} is not in this worker's registry")
             return computed
-        hook = StepHook(members, settings.progress_interval, beat.lost, preview_every=settings.preview_every_steps)
+        hook = StepHook(
+            members,
+            settings.progress_interval,
+            beat.lost,
+            preview_every=settings.preview_every_steps,
+            near_end=near_end,
+        )
         try:
             base = pipeline_cache().get(spec)
             # Every member shares task, scheduler and LoRAs (they are in the batch key): one pipeline serves all.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from shared.scheduling import batch_key
 from shared.storage import get_storage
 from shared.tenants import get_or_create_tenant
 from tests.support import reset_caches
-from worker import batching, generate, outputs, tasks
+from worker import batching, generate, outputs, status, tasks
 from worker.batching import gather
 from worker.generate import generators
 
@@ -258,6 +259,49 @@ def test_the_next_batch_generates_while_the_last_one_is_stored(
     assert tasks.run_job(first) == "succeeded"
     assert order[:3] == ["call 96", "store starts", "call 128"]  # the second call did not wait for the store
     assert load(first).status == load(second).status == "succeeded"
+
+
+def status_when_decoding(monkeypatch: pytest.MonkeyPatch, job_id: str, then: Any = None) -> list[str]:
+    """The status `job_id` reaches while the worker's VAE decodes (waiting up to 2 s for it to leave
+    `queued`), one entry per decode; `then()` runs after each look."""
+    vae = tasks.pipeline_cache().get(get_registry().get("tiny-sd")).vae  # type: ignore[arg-type]
+    decode, seen = vae.decode, []
+
+    def watching(*args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + 2
+        while load(job_id).status == "queued" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(load(job_id).status)
+        if then is not None:
+            then()
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", watching)
+    return seen
+
+
+def test_the_next_batch_is_claimed_while_the_last_one_decodes(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = submit(width=96), submit(width=128)  # two batch keys: two calls
+    seen = status_when_decoding(monkeypatch, second)
+    assert tasks.run_job(first) == "succeeded"
+    # The second call's jobs were claimed during the first call's decode, not after it.
+    assert seen[0] == "running"
+    assert load(first).status == load(second).status == "succeeded"
+
+
+def test_a_worker_stopping_hands_back_the_batch_it_claimed_during_the_last_decode(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = submit(width=96), submit(width=128)
+    monkeypatch.setattr(status.state, "stop_requested", threading.Event())
+    status_when_decoding(monkeypatch, second, then=status.state.stop_requested.set)  # SIGTERM mid-decode
+    assert tasks.run_job(first) == "handed_back,succeeded"
+    assert load(first).status == "succeeded"
+    handed = load(second)
+    assert handed.status == "queued" and handed.attempts == 0  # never ran: not an attempt
+    assert broker.queue_length("model.tiny-sd") == 1  # a token for the next worker
 
 
 class FakeClock:
