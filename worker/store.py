@@ -8,11 +8,11 @@ the call): in bench.e2e the generating thread waited 15 ms per call of 8 beyond 
 thread uploaded and recorded the previous batch beside it, and 11 to 12 ms with both on these processes.
 And one core cannot keep up with a GPU anyway: 8 images/s of 512x512 need about half a core of encoding.
 
-`DARKROOM_ENCODE_PROCESSES` processes do it, one image per task (encode, then upload), then one task per
-batch to record it; they are started with `spawn` because the worker has already started torch's
-threads, which `fork` would copy in a broken state. The generating process only sends pixels and gets
-back each job's outcome. With no processes (0), or when one dies, the same functions run on the store
-thread.
+`DARKROOM_ENCODE_PROCESSES` processes do it, a batch's images split into one task per process (encode,
+then upload each), then one task per batch to record it; they are started with `spawn` because the
+worker has already started torch's threads, which `fork` would copy in a broken state. The generating
+process only sends pixels and gets back each job's outcome. With no processes (0), or when one dies,
+the same functions run on the store thread.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -160,8 +160,22 @@ def store_batch(jobs: list[ToStore]) -> dict[str, Outputs]:
     options = {"png_level": settings.png_compress_level, "upload_by": upload_by}
 
     def on(pool: ProcessPoolExecutor) -> dict[str, Outputs]:
-        submitted = {job.job_id: _submit_all(pool, job, options) for job in jobs}
-        return {job_id: _outputs(futures) for job_id, futures in submitted.items()}
+        items = [
+            (job.job_id, (im, job.request, _args(job, i, options))) for job in jobs for i, im in enumerate(job.images)
+        ]
+        # One task per encoder, not per image: each task is a round trip through the pool's threads in this
+        # process, whose GIL the next batch's call needs (nine per batch of eight on a 2-core VM, where one
+        # encoder serves them all).
+        size = -(-len(items) // min(processes(), len(items)))
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        futures = [pool.submit(_store_chunk, [work for _, work in chunk]) for chunk in chunks]
+        results = [result for future in futures for result in future.result()]
+        stored: dict[str, Outputs] = {job.job_id: [] for job in jobs}
+        for (job_id, _), result in zip(items, results, strict=True):
+            so_far = stored[job_id]
+            if isinstance(so_far, list):
+                stored[job_id] = result if isinstance(result, StorageUnavailable) else [*so_far, result]
+        return stored
 
     def here() -> dict[str, Outputs]:
         threads = STORE_THREADS if isinstance(get_storage(), S3Storage) else 1
@@ -173,8 +187,18 @@ def store_batch(jobs: list[ToStore]) -> dict[str, Outputs]:
     return _on_encoders(on, here, f"storing {len(jobs)} jobs")
 
 
-def _submit_all(pool: ProcessPoolExecutor, job: ToStore, options: dict[str, Any]) -> list[Future[Any]]:
-    return [pool.submit(store_image, im, job.request, **_args(job, i, options)) for i, im in enumerate(job.images)]
+def _store_chunk(
+    work: list[tuple[Image.Image, dict[str, Any], dict[str, Any]]],
+) -> list[dict[str, Any] | StorageUnavailable]:
+    """`store_image` for each (image, request, arguments), on an encoder process: a failed upload is
+    returned in its place, so the chunk's other images are still stored."""
+    results: list[dict[str, Any] | StorageUnavailable] = []
+    for image, request, kwargs in work:
+        try:
+            results.append(store_image(image, request, **kwargs))
+        except StorageUnavailable as exc:
+            results.append(exc)
+    return results
 
 
 def record(stored: Stored, *, ended_before: list[str]) -> dict[str, str]:
@@ -204,13 +228,6 @@ def _on_encoders(on: Callable[[ProcessPoolExecutor], T], here: Callable[[], T], 
 
 def _args(job: ToStore, index: int, options: dict[str, Any]) -> dict[str, Any]:
     return {"job_id": job.job_id, "index": index, "nsfw": job.nsfw[index], "sampler": job.sampler, **options}
-
-
-def _outputs(futures: list[Future[Any]]) -> Outputs:
-    try:
-        return [future.result() for future in futures]
-    except StorageUnavailable as exc:
-        return exc
 
 
 def _store_here(job: ToStore, options: dict[str, Any]) -> Outputs:
