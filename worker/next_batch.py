@@ -12,7 +12,6 @@ claimed when the call starts, they would wait for all of it (seconds on a GPU).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +22,8 @@ T = TypeVar("T")
 
 class NextBatch(Generic[T]):
     """The claim of the batch after the current one: `start()` begins it on `claimer` (once, and only while
-    claiming is still allowed), `take()` returns what it claimed, or claims now if it never started."""
+    claiming is still allowed), `take()` returns what it claimed, or claims now if it never started.
+    All three are called on the generating thread (the step hook runs there); only the claim runs beside it."""
 
     def __init__(
         self, claimer: ThreadPoolExecutor, claim: Callable[[], list[T]], *, until: float, stopping: Callable[[], bool]
@@ -32,7 +32,6 @@ class NextBatch(Generic[T]):
         self._claim = claim
         self._until = until  # a time.monotonic() past which nothing more is claimed
         self._stopping = stopping
-        self._lock = threading.Lock()
         self._future: Future[list[T]] | None = None
 
     def allowed(self) -> bool:
@@ -40,22 +39,17 @@ class NextBatch(Generic[T]):
 
     def start(self) -> None:
         """Begin the claim in the background. Called from the step hook; cheap after the first time."""
-        with self._lock:
-            if self._future is None and self.allowed():
-                self._future = self._claimer.submit(self._claim)
+        if self._future is None and self.allowed():
+            self._future = self._claimer.submit(self._claim)
 
     def take(self) -> list[T]:
         """The next batch: what the background claim got, or a claim made now if none was started and
         claiming is still allowed, else nothing."""
-        with self._lock:
-            future = self._future
-        if future is not None:
-            return future.result()
+        if self._future is not None:
+            return self._future.result()
         return self._claim() if self.allowed() else []
 
     def claimed(self) -> list[T]:
         """What a started claim got (waiting for it to finish), without claiming anything new: for handing
         jobs back when the worker stops after all."""
-        with self._lock:
-            future = self._future
-        return future.result() if future is not None else []
+        return self._future.result() if self._future is not None else []

@@ -160,21 +160,18 @@ def store_batch(jobs: list[ToStore]) -> dict[str, Outputs]:
     options = {"png_level": settings.png_compress_level, "upload_by": upload_by}
 
     def on(pool: ProcessPoolExecutor) -> dict[str, Outputs]:
-        items = [
-            (job.job_id, (im, job.request, _args(job, i, options))) for job in jobs for i, im in enumerate(job.images)
-        ]
+        work = [(im, job.request, _args(job, i, options)) for job in jobs for i, im in enumerate(job.images)]
         # One task per encoder, not per image: each task is a round trip through the pool's threads in this
         # process, whose GIL the next batch's call needs (nine per batch of eight on a 2-core VM, where one
         # encoder serves them all).
-        size = -(-len(items) // min(processes(), len(items)))
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        futures = [pool.submit(_store_chunk, [work for _, work in chunk]) for chunk in chunks]
-        results = [result for future in futures for result in future.result()]
-        stored: dict[str, Outputs] = {job.job_id: [] for job in jobs}
-        for (job_id, _), result in zip(items, results, strict=True):
-            so_far = stored[job_id]
-            if isinstance(so_far, list):
-                stored[job_id] = result if isinstance(result, StorageUnavailable) else [*so_far, result]
+        size = -(-len(work) // min(processes(), len(work)))
+        futures = [pool.submit(_store_chunk, work[i : i + size]) for i in range(0, len(work), size)]
+        results = iter([result for future in futures for result in future.result()])
+        stored: dict[str, Outputs] = {}
+        for job in jobs:
+            mine = [next(results) for _ in job.images]
+            gave_up = [r for r in mine if isinstance(r, StorageUnavailable)]
+            stored[job.job_id] = gave_up[0] if gave_up else mine  # type: ignore[assignment]
         return stored
 
     def here() -> dict[str, Outputs]:
