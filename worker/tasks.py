@@ -99,14 +99,17 @@ def run_job(job_id: str) -> str:
     outcomes: dict[str, str] = {}
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as storer,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim") as claimer,
+        # The database work of a call (its progress writes, then the next batch's claim), beside the call.
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="beside") as beside,
     ):
         storing: Future[Stored] | None = None
         while claimed:
             members, tenants = gather_company(claimed, settings, me)
             status.state.current_job = members[0].job_id
-            following = NextBatch(claimer, claim_next, until=stop_claiming_at, stopping=status.stop_requested)
-            computed = compute(claimed[0].model, queue, members, tenants, settings, near_end=following.start)
+            following = NextBatch(beside, claim_next, until=stop_claiming_at, stopping=status.stop_requested)
+            computed = compute(
+                claimed[0].model, queue, members, tenants, settings, near_end=following.start, writer=beside.submit
+            )
             if storing is not None:
                 outcomes.update(settle(storing.result()))
             storing = storer.submit(store_and_record, computed, settings)
@@ -263,9 +266,11 @@ def compute(
     settings: Settings,
     *,
     near_end: Callable[[], None] | None = None,
+    writer: Callable[[Callable[[], Any]], Future[Any]] | None = None,
 ) -> Computed:
     """Generate a claimed batch and run the safety check; what fails on the way is recorded here.
-    `near_end` is called when a call of the batch reaches its last denoising step."""
+    `near_end` is called when a call of the batch reaches its last denoising step; `writer` runs its
+    progress writes (see StepHook)."""
     computed = Computed(members, tenants)
     outcomes = computed.outcomes
 
@@ -288,6 +293,7 @@ def compute(
             beat.lost,
             preview_every=settings.preview_every_steps,
             near_end=near_end,
+            writer=writer,
         )
         try:
             base = pipeline_cache().get(spec)

