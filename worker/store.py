@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -44,6 +44,9 @@ T = TypeVar("T")
 # not worth it: threads encoding at once only fight over the GIL (bench.e2e measured 0.53 of direct
 # serially, 0.44 with four threads).
 STORE_THREADS = 4
+# Encoders yield the CPU to the generating process: their work is never on the accelerator's path, its
+# Python is (on the 2-core VM a call of 8 lost 3 to 6 ms to being preempted by them at normal priority).
+ENCODER_NICENESS = 10
 
 _pool: ProcessPoolExecutor | None = None
 _pool_pid: int | None = None
@@ -58,6 +61,7 @@ class ToStore:
     images: list[Image.Image]
     nsfw: list[bool]
     sampler: str
+    attempt: int = 1  # the attempt it was claimed as: recording it succeeded matches only that one
 
 
 def processes() -> int:
@@ -100,6 +104,7 @@ def _start_encoder(parent: int, worker: str) -> None:
     down, and its encoders would otherwise wait for work forever."""
     logs.configure(os.environ.get("DARKROOM_LOG_FORMAT", "json"))
     logs.worker.set(worker)
+    os.nice(ENCODER_NICENESS)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -152,12 +157,7 @@ Outputs = list[dict[str, Any]] | StorageUnavailable
 def store_batch(jobs: list[ToStore]) -> dict[str, Outputs]:
     """Store every image of `jobs`: each job's `outputs` records, or the StorageUnavailable that failed it.
     On the encoder processes when there are any, every image at once; else here."""
-    settings = get_settings()
-    # One retry budget for the whole batch, not one per image: once storage has been away that long, the
-    # images still waiting for an encoder try once and give up, rather than each waiting out a budget of
-    # its own behind the others.
-    upload_by = time.time() + settings.storage_retry_seconds
-    options = {"png_level": settings.png_compress_level, "upload_by": upload_by}
+    options = _options()
 
     def on(pool: ProcessPoolExecutor) -> dict[str, Outputs]:
         work = [(im, job.request, _args(job, i, options)) for job in jobs for i, im in enumerate(job.images)]
@@ -182,6 +182,73 @@ def store_batch(jobs: list[ToStore]) -> dict[str, Outputs]:
 
     # Uploading an image again is harmless: same key, same bytes.
     return _on_encoders(on, here, f"storing {len(jobs)} jobs")
+
+
+def store_and_record(jobs: list[ToStore], *, ended_before: list[str], spare_here: bool = False) -> dict[str, str]:
+    """Store every image of `jobs`, then record the batch (worker/record.py): each stored job's outcome.
+    `ended_before`: the batch's jobs that failed before storing, for the metrics.
+
+    With at least one job per encoder, the jobs are dealt out whole, and each encoder stores and records
+    its own share in one task: each task is a round trip through the pool's threads in the generating
+    process, taking the GIL from the call running there, and images dealt one by one need a second task,
+    after all of them, to record the batch. With fewer jobs than encoders (one job of many images), the
+    images are dealt out, then recorded. `spare_here`: the generating thread has nothing to run next (the
+    last batch of a burst), so this thread stores a share too, on the core the call has left.
+    """
+    pool = _executor()
+    if pool is None or len(jobs) < processes():
+        uploads = store_batch(jobs)
+        return record({job.job_id: (job.attempt, uploads[job.job_id]) for job in jobs}, ended_before=ended_before)
+    shares = _deal(jobs, processes() + (1 if spare_here else 0))
+    options = _options()
+    # The first share carries the jobs that ended before; with a spare thread, it is this thread's.
+    ended = [ended_before] + [[] for _ in shares[1:]]
+    pending: list[tuple[int, Future[dict[str, str]] | None]] = []
+    for i, share in enumerate(shares[1:] if spare_here else shares, start=1 if spare_here else 0):
+        try:
+            pending.append((i, pool.submit(_store_and_record_share, share, options, ended[i])))
+        except (BrokenProcessPool, RuntimeError):
+            pending.append((i, None))
+    outcomes = _store_and_record_share(shares[0], options, ended[0]) if spare_here else {}
+    for i, future in pending:
+        try:
+            if future is None:
+                raise BrokenProcessPool("the encoder pool was already broken")
+            outcomes.update(future.result())
+        except (BrokenProcessPool, OSError) as exc:
+            # Storing and recording again are harmless: same keys, same bytes; a job is succeeded once.
+            log.warning(
+                "encoder processes failed (%s); storing %d jobs in the worker", type(exc).__name__, len(shares[i])
+            )
+            _forget_pool()
+            outcomes.update(_store_and_record_share(shares[i], options, ended[i]))
+    return outcomes
+
+
+def _deal(jobs: list[ToStore], parts: int) -> list[list[ToStore]]:
+    """`jobs` dealt into `parts` shares of about as many images each (largest job first, to the lightest
+    share)."""
+    shares: list[list[ToStore]] = [[] for _ in range(min(parts, len(jobs)))]
+    loads = [0] * len(shares)
+    for job in sorted(jobs, key=lambda j: -len(j.images)):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(job)
+        loads[lightest] += len(job.images)
+    return shares
+
+
+def _store_and_record_share(jobs: list[ToStore], options: dict[str, Any], ended_before: list[str]) -> dict[str, str]:
+    """Store these jobs' images and record them; on an encoder process, or here for a spare thread's share."""
+    stored: Stored = {job.job_id: (job.attempt, _store_here(job, options)) for job in jobs}
+    return record_batch(stored, ended_before=ended_before)
+
+
+def _options() -> dict[str, Any]:
+    settings = get_settings()
+    # One retry budget for the whole batch, not one per image: once storage has been away that long, the
+    # images still waiting for an encoder try once and give up, rather than each waiting out a budget of
+    # its own behind the others.
+    return {"png_level": settings.png_compress_level, "upload_by": time.time() + settings.storage_retry_seconds}
 
 
 def _store_chunk(
@@ -212,15 +279,20 @@ def record(stored: Stored, *, ended_before: list[str]) -> dict[str, str]:
 def _on_encoders(on: Callable[[ProcessPoolExecutor], T], here: Callable[[], T], what: str) -> T:
     """`on(pool)` on the encoder processes; `here()` when there are none, or when one died (killed for
     memory, say) or could not start: then a new pool next time, and this work again here."""
-    global _pool
     pool = _executor()
     if pool is not None:
         try:
             return on(pool)
         except (BrokenProcessPool, OSError) as exc:
             log.warning("encoder processes failed (%s); %s in the worker", type(exc).__name__, what)
-            _pool = None
+            _forget_pool()
     return here()
+
+
+def _forget_pool() -> None:
+    """A pool with a dead process is broken for good: the next use starts a new one."""
+    global _pool
+    _pool = None
 
 
 def _args(job: ToStore, index: int, options: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from shared.registry import get_registry
 from shared.scheduling import claim_jobs, held_back_queues, queue_of
 from shared.settings import Settings, get_settings
 from shared.tables import Job
-from worker import failures, status
+from worker import failures, status, store
 from worker.batching import Member, StepHook, full_call_seconds, gather, run_batch
 from worker.generate import StopGeneration
 from worker.lease import Heartbeat
@@ -33,7 +33,7 @@ from worker.next_batch import NextBatch
 from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
 from worker.record import fail_jobs
 from worker.safety import nsfw_flags
-from worker.store import ToStore, record, store_batch
+from worker.store import ToStore
 from worker.variants import prepare_pipeline, sampler_name
 
 __all__ = ["StepHook", "pipeline_cache", "run_job"]
@@ -112,12 +112,14 @@ def run_job(job_id: str) -> str:
             )
             if storing is not None:
                 outcomes.update(settle(storing.result()))
-            storing = storer.submit(store_and_record, computed, settings)
-            if computed.stopped or status.stop_requested():
+            stopping = computed.stopped or status.stop_requested()
+            claimed = [] if stopping else following.take()
+            # With nothing to run next, the generating thread's core stores too (worker/store.py).
+            storing = storer.submit(store_and_record, computed, settings, spare_here=not claimed)
+            if stopping:
                 # Claimed during the last step of a call that then stopped the loop: never run, so not an attempt.
                 outcomes.update(hand_back_all([member_of(job) for job in following.claimed()], queue))
                 break
-            claimed = following.take()
         if storing is not None:
             outcomes.update(settle(storing.result()))
     return summary(outcomes)
@@ -341,29 +343,24 @@ def compute(
     return computed
 
 
-def store_and_record(computed: Computed, settings: Settings) -> Stored:
+def store_and_record(computed: Computed, settings: Settings, *, spare_here: bool = False) -> Stored:
     """Encode and upload each finished job's images (retried through a storage outage), then mark the jobs
     succeeded together and record the batch's metrics. Runs on the store thread, under its own heartbeat,
-    while the next batch generates; the work itself runs on the encoder processes (worker/store.py)."""
+    while the next batch generates; the work itself runs on the encoder processes (worker/store.py), and
+    on this thread as well with `spare_here` (nothing generates meanwhile)."""
     outcomes = dict(computed.outcomes)
     finished = computed.finished
     ended_before = [job_id for job_id, outcome in outcomes.items() if outcome == "failed"]
     if finished:
         with Heartbeat({f.member.job_id: f.member.attempt for f in finished}, settings.lease_seconds):
             started = time.monotonic()
-            uploads = store_batch(
-                [ToStore(f.member.job_id, f.member.request, f.images, f.nsfw, f.sampler) for f in finished]
-            )
-            stored = {f.member.job_id: (f.member.attempt, uploads[f.member.job_id]) for f in finished}
-            uploaded = time.monotonic()
-            outcomes.update(record(stored, ended_before=ended_before))
+            jobs = [
+                ToStore(f.member.job_id, f.member.request, f.images, f.nsfw, f.sampler, f.member.attempt)
+                for f in finished
+            ]
+            outcomes.update(store.store_and_record(jobs, ended_before=ended_before, spare_here=spare_here))
         # While a batch's storing takes longer than the next call, that call's end waits on it.
-        log.info(
-            "stored %d jobs in %.0f ms, recorded in %.0f ms",
-            len(finished),
-            (uploaded - started) * 1000,
-            (time.monotonic() - uploaded) * 1000,
-        )
+        log.info("stored and recorded %d jobs in %.0f ms", len(finished), (time.monotonic() - started) * 1000)
     else:
         status.record_metrics(ended_before)
     for member in computed.members:

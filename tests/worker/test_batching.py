@@ -291,11 +291,11 @@ def test_the_next_batch_generates_while_the_last_one_is_stored(
     store = tasks.store_and_record
     generate_spy = batching.generate_batch
 
-    def slow_store(computed: Any, settings: Any) -> Any:
+    def slow_store(computed: Any, settings: Any, **kwargs: Any) -> Any:
         order.append("store starts")
         time.sleep(0.5)  # long enough for the second call to start and end meanwhile
         order.append("store ends")
-        return store(computed, settings)
+        return store(computed, settings, **kwargs)
 
     def generate(pipe: Any, requests: Any, *args: Any, **kwargs: Any) -> Any:
         order.append(f"call {requests[0]['width']}")

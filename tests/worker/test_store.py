@@ -117,3 +117,60 @@ def test_encoder_processes_record_a_batch_in_the_database(encoders: None) -> Non
         kept, lost = get_job(session, stored_id), get_job(session, lost_id)
         assert (kept.status, kept.outputs) == ("succeeded", uploaded)
         assert (lost.status, lost.error_code, lost.outputs) == ("failed", "storage_unavailable", None)
+
+
+def claimed_jobs(count: int) -> list[str]:
+    """`count` jobs claimed (running, attempt 1) by a worker, in the database."""
+    from shared.db import session_scope
+    from shared.scheduling import claim_jobs
+    from tests.worker.test_batching import submit
+
+    ids = [submit(prompt=f"job {i}", seed=i) for i in range(count)]
+    with session_scope() as session:
+        claimed = claim_jobs(session, "model.tiny-sd", worker_id="w", lease_seconds=60, max_jobs=count)
+    assert {job.id for job in claimed} == set(ids)
+    return ids
+
+
+@pytest.mark.parametrize("spare_here", [False, True])
+def test_encoders_store_and_record_whole_jobs_each(encoders: None, spare_here: bool) -> None:
+    # Three jobs on two encoders (and this thread, when nothing generates): each job's images all uploaded,
+    # the same as the worker would make them, and each job succeeded with exactly its own outputs.
+    from shared.db import session_scope
+    from shared.jobs import get_job
+
+    ids = claimed_jobs(3)
+    images = {job_id: [noise(10 * i + k) for k in range(i + 1)] for i, job_id in enumerate(ids)}
+    jobs = [store.ToStore(j, REQUEST, images[j], [False] * len(images[j]), "Euler", attempt=1) for j in ids]
+    outcomes = store.store_and_record(jobs, ended_before=[], spare_here=spare_here)
+    assert outcomes == dict.fromkeys(ids, "succeeded")
+    with session_scope() as session:
+        for job_id in ids:
+            record = get_job(session, job_id)
+            assert record.status == "succeeded"
+            assert uploaded(record.outputs) == encode_here(images[job_id], REQUEST, job_id)
+
+
+def test_a_killed_encoder_loses_no_job_stored_whole(encoders: None) -> None:
+    from shared.db import session_scope
+    from shared.jobs import get_job
+
+    store.start()
+    pool = store._pool
+    assert pool is not None
+    for pid in list(pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    ids = claimed_jobs(2)
+    jobs = [store.ToStore(j, REQUEST, [noise(i)], [False], "Euler", attempt=1) for i, j in enumerate(ids)]
+    assert store.store_and_record(jobs, ended_before=[]) == dict.fromkeys(ids, "succeeded")
+    with session_scope() as session:
+        assert all(get_job(session, job_id).status == "succeeded" for job_id in ids)
+    assert store._pool is not pool
+
+
+def test_encoders_yield_the_cpu_to_the_generating_process(encoders: None) -> None:
+    store.start()
+    pool = store._pool
+    assert pool is not None
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == mine + store.ENCODER_NICENESS
