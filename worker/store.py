@@ -8,9 +8,11 @@ the call): in bench.e2e the generating thread waited 15 ms per call of 8 beyond 
 thread uploaded and recorded the previous batch beside it, and 11 to 12 ms with both on these processes.
 And one core cannot keep up with a GPU anyway: 8 images/s of 512x512 need about half a core of encoding.
 
-`DARKROOM_ENCODE_PROCESSES` processes do it, a batch's images split into one task per process (encode,
-then upload each), then one task per batch to record it; they are started with `spawn` because the
-worker has already started torch's threads, which `fork` would copy in a broken state. The generating
+`DARKROOM_ENCODE_PROCESSES` processes do it, at a lower priority than the generating process. A batch
+with a job per process or more is dealt out by whole jobs, one task per process that stores and records
+its share; otherwise its images are dealt out (encode, then upload each), then one task records the
+batch. They are started with `spawn` because the worker has already started torch's threads, which
+`fork` would copy in a broken state. The generating
 process only sends pixels and gets back each job's outcome. With no processes (0), or when one dies,
 the same functions run on the store thread.
 """
