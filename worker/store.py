@@ -12,9 +12,8 @@ And one core cannot keep up with a GPU anyway: 8 images/s of 512x512 need about 
 with a job per process or more is dealt out by whole jobs, one task per process that stores and records
 its share; otherwise its images are dealt out (encode, then upload each), then one task records the
 batch. They are started with `spawn` because the worker has already started torch's threads, which
-`fork` would copy in a broken state. The generating
-process only sends pixels and gets back each job's outcome. With no processes (0), or when one dies,
-the same functions run on the store thread.
+`fork` would copy in a broken state. The generating process only sends pixels and gets back each job's
+outcome. With no processes (0), or when one dies, the same functions run on the store thread.
 """
 
 from __future__ import annotations
