@@ -60,9 +60,10 @@ def _fresh_connections(**_: object) -> None:
     # The pipeline code (torch, diffusers) loads before this process takes its first job, so that a job's
     # time limits never count the import: after a hard-limit kill, the replacement process pays it again.
     start = time.monotonic()
-    from worker import store  # here, not at the top: the main process has no use for PIL and numpy
+    from worker import sidecar, store  # here, not at the top: the main process has no use for PIL and numpy
 
-    store.start()  # the encoder processes start beside the import below
+    store.start()  # the encoder processes and the sidecar start beside the import below
+    sidecar.start()
     importlib.import_module("worker.tasks")
     log.info("pipeline code loaded in %.1f s", time.monotonic() - start)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,8 +25,6 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from shared import broker
-from shared.db import DB_UNAVAILABLE, session_scope
-from shared.jobs import record_progress_many
 from shared.scheduling import batch_key
 from shared.settings import Settings
 from worker import failures, faults, status
@@ -35,6 +32,8 @@ from worker.acceleration import bucket_for, parse_shapes
 from worker.generate import StopGeneration, generate_batch
 from worker.inputs import load_inputs
 from worker.preview import Factors, preview_uri
+from worker.progress import write_progress
+from worker.sidecar import Later
 from worker.upscale import is_upscaler
 
 log = logging.getLogger("darkroom.worker")
@@ -116,7 +115,7 @@ class StepHook:
     adds jobs whose lease it could no longer renew. `near_end` is called at a call's last step, before its
     decode (the worker claims its next batch then).
 
-    With a `writer` (an executor's submit), progress is written beside the call rather than in it: the
+    With a `writer` (a submit of worker/sidecar.py), progress is written beside the call, not in it: the
     step goes on at once, and a job the write found no longer ours is dropped at the first step after the
     write returns (and at the latest by `settle`, when the call ends). In the call, each write was a
     transaction and a Redis round trip that the pipeline waited for, and at the last step it raced the
@@ -131,13 +130,13 @@ class StepHook:
         *,
         preview_every: int = 0,
         near_end: Callable[[], None] | None = None,
-        writer: Callable[[Callable[[], set[str] | None]], Future[set[str] | None]] | None = None,
+        writer: Callable[[Callable[[], set[str] | None]], Later] | None = None,
     ):
         self.members = members
         self.near_end = near_end
         self.writer = writer
         # Writes submitted to `writer` and not yet looked at, in order, with the jobs each one wrote.
-        self.writes: list[tuple[list[Member], Future[set[str] | None]]] = []
+        self.writes: list[tuple[list[Member], Later]] = []
         self.interval = interval
         self.dropped = dropped if dropped is not None else set()
         # The claim that set the jobs running counts as their first write: a call shorter than the interval
@@ -203,7 +202,7 @@ class StepHook:
             self.last_write = now
             # Drawn here, while these latents are the step's: the pipeline overwrites them at the next step.
             previews = self.previews(step, total, live)
-            write = partial(_write_progress, {m.job_id: m.attempt for m in live}, step, total, previews)
+            write = partial(write_progress, {m.job_id: m.attempt for m in live}, step, total, previews)
             if self.writer is None:
                 self._drop_lost(live, write())
             else:
@@ -230,17 +229,6 @@ class StepHook:
             if member.job_id not in ours and member.job_id not in self.dropped:
                 log.info("job %s is no longer running on this worker", member.job_id)
                 self.dropped.add(member.job_id)
-
-
-def _write_progress(attempts: dict[str, int], step: int, total: int, previews: dict[str, str]) -> set[str] | None:
-    """Record the progress of these jobs (job id -> attempt); the ids still ours, or None if not written."""
-    try:
-        with session_scope() as session:
-            return record_progress_many(session, attempts, step=step, total=total, previews=previews)
-    except DB_UNAVAILABLE:
-        # Progress is a nicety: a database outage must not fail the jobs, only leave progress stale.
-        log.warning("progress not recorded: database unavailable")
-        return None
 
 
 @dataclass

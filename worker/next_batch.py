@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from concurrent.futures import Executor
+from typing import Any, Generic, TypeVar
+
+from worker.sidecar import Later, Sidecar
 
 T = TypeVar("T")
 
@@ -26,13 +28,18 @@ class NextBatch(Generic[T]):
     All three are called on the generating thread (the step hook runs there); only the claim runs beside it."""
 
     def __init__(
-        self, claimer: ThreadPoolExecutor, claim: Callable[[], list[T]], *, until: float, stopping: Callable[[], bool]
+        self,
+        claimer: Executor | Sidecar,
+        claim: Callable[[], list[T]],
+        *,
+        until: float,
+        stopping: Callable[[], bool],
     ):
         self._claimer = claimer
         self._claim = claim
         self._until = until  # a time.monotonic() past which nothing more is claimed
         self._stopping = stopping
-        self._future: Future[list[T]] | None = None
+        self._future: Later | None = None
 
     def allowed(self) -> bool:
         return time.monotonic() <= self._until and not self._stopping()
@@ -46,10 +53,12 @@ class NextBatch(Generic[T]):
         """The next batch: what the background claim got, or a claim made now if none was started and
         claiming is still allowed, else nothing."""
         if self._future is not None:
-            return self._future.result()
+            got: list[T] = self._future.result()
+            return got
         return self._claim() if self.allowed() else []
 
     def claimed(self) -> list[T]:
         """What a started claim got (waiting for it to finish), without claiming anything new: for handing
         jobs back when the worker stops after all."""
-        return self._future.result() if self._future is not None else []
+        got: list[Any] = self._future.result() if self._future is not None else []
+        return got

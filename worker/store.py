@@ -100,12 +100,16 @@ def start() -> None:
 
 
 def _start_encoder(parent: int, worker: str) -> None:
-    """In an encoder process: log as the worker does (an upload's retries are worth seeing), and exit once
-    the worker that started it is gone. A killed worker (the hard time limit, a crash) never shuts its pool
-    down, and its encoders would otherwise wait for work forever."""
+    start_helper(parent, worker)
+    os.nice(ENCODER_NICENESS)
+
+
+def start_helper(parent: int, worker: str) -> None:
+    """In a helper process (an encoder, the sidecar): log as the worker does (an upload's retries are worth
+    seeing), and exit once the worker that started it is gone. A killed worker (the hard time limit, a
+    crash) never shuts its helpers down, and they would otherwise wait for work forever."""
     logs.configure(os.environ.get("DARKROOM_LOG_FORMAT", "json"))
     logs.worker.set(worker)
-    os.nice(ENCODER_NICENESS)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -22,10 +23,10 @@ from shared import broker, limits
 from shared.db import DB_UNAVAILABLE, retry_unit_of_work, session_scope
 from shared.jobs import hand_back
 from shared.registry import get_registry
-from shared.scheduling import claim_jobs, held_back_queues, queue_of
+from shared.scheduling import held_back_queues, queue_of
 from shared.settings import Settings, get_settings
 from shared.tables import Job
-from worker import failures, status, store
+from worker import claims, failures, sidecar, status, store
 from worker.batching import Member, StepHook, full_call_seconds, gather, run_batch
 from worker.generate import StopGeneration
 from worker.lease import Heartbeat
@@ -33,6 +34,7 @@ from worker.next_batch import NextBatch
 from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
 from worker.record import fail_jobs
 from worker.safety import nsfw_flags
+from worker.sidecar import Later
 from worker.store import ToStore
 from worker.variants import prepare_pipeline, sampler_name
 
@@ -80,7 +82,7 @@ def run_job(job_id: str) -> str:
     # message and its job starting.
     def claim(session: Any) -> list[Job]:
         queue = queue_of(session, job_id)
-        return claim_batch(session, queue, settings, me) if queue else []
+        return claims.claim_batch(session, queue, settings, me) if queue else []
 
     claimed = retry_unit_of_work(claim, seconds=settings.db_retry_seconds, what=f"claim for token {job_id}")
     if not claimed:
@@ -90,17 +92,13 @@ def run_job(job_id: str) -> str:
         log.debug("token of job %s ran job %s", job_id, claimed[0].id)
     stop_claiming_at = time.monotonic() + settings.job_soft_time_limit / 4
 
-    def claim_next() -> list[Job]:
-        def claim(session: Any) -> list[Job]:
-            return claim_batch(session, queue, settings, me)
-
-        return retry_unit_of_work(claim, seconds=settings.db_retry_seconds, what="claim of a next batch")
+    claim_next = partial(claims.claim_next, queue, me)  # picklable: it may run on the sidecar
 
     outcomes: dict[str, str] = {}
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as storer,
         # The database work of a call (its progress writes, then the next batch's claim), beside the call.
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="beside") as beside,
+        sidecar.beside() as beside,
     ):
         storing: Future[Stored] | None = None
         while claimed:
@@ -125,36 +123,6 @@ def run_job(job_id: str) -> str:
     return summary(outcomes)
 
 
-def batchable(leader: Job, settings: Settings) -> bool:
-    """Whether compatible jobs may join the leader's call."""
-    # Image tasks (img2img, inpaint, upscale) run one call per job, so gathering them would only queue
-    # them behind each other on this worker.
-    # A job on its second attempt or later may be the one that crashed its last worker: it runs alone.
-    return (
-        bool(leader.batch_key)
-        and leader.request.get("task", "txt2img") == "txt2img"
-        and leader.attempts == 1
-        and int(leader.request["num_images"]) < settings.max_batch_images
-    )
-
-
-def claim_batch(session: Any, queue: str, settings: Settings, me: str) -> list[Job]:
-    """Claim the best queued job of `queue` and, in the same transaction, the compatible jobs queued now."""
-    claimed = claim_jobs(session, queue, worker_id=me, lease_seconds=settings.lease_seconds)
-    if claimed and batchable(claimed[0], settings):
-        room = settings.max_batch_images - int(claimed[0].request["num_images"])
-        claimed += claim_company(session, claimed[0], room, settings, me)
-    return claimed
-
-
-def claim_company(session: Any, leader: Job, room: int, settings: Settings, me: str) -> list[Job]:
-    """Claim queued jobs that can share the leader's call, up to `room` images."""
-    lease = settings.lease_seconds
-    return claim_jobs(
-        session, leader.queue, worker_id=me, lease_seconds=lease, max_jobs=room, max_images=room, key=leader.batch_key
-    )
-
-
 def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[list[Member], set[str]]:
     """The members of a claimed batch and their tenants, after waiting out the gathering window for more
     compatible jobs if the batch is not full."""
@@ -162,7 +130,7 @@ def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[lis
     members = [member_of(job) for job in claimed]
     tenants = {job.tenant_id for job in claimed}
     images = sum(m.images for m in members)
-    if not batchable(leader, settings) or images >= settings.max_batch_images:
+    if not claims.batchable(leader, settings) or images >= settings.max_batch_images:
         return members, tenants
 
     unavailable = False
@@ -173,7 +141,7 @@ def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[lis
             return 0
         try:
             with session_scope() as session:
-                more = claim_company(session, leader, room, settings, me)
+                more = claims.claim_company(session, leader, room, settings, me)
         except DB_UNAVAILABLE as exc:
             # Company is optional, and the jobs already claimed are ours to run: failing here would leave
             # them `running` with nobody renewing their lease, to be redone after it lapses.
@@ -268,7 +236,7 @@ def compute(
     settings: Settings,
     *,
     near_end: Callable[[], None] | None = None,
-    writer: Callable[[Callable[[], Any]], Future[Any]] | None = None,
+    writer: Callable[[Callable[[], Any]], Later] | None = None,
 ) -> Computed:
     """Generate a claimed batch and run the safety check; what fails on the way is recorded here.
     `near_end` is called when a call of the batch reaches its last denoising step; `writer` runs its

@@ -25,6 +25,7 @@ from shared.storage import get_storage
 from shared.tenants import get_or_create_tenant
 from tests.support import reset_caches
 from worker import batching, generate, outputs, status, tasks
+from worker import claims as worker_claims
 from worker.batching import gather
 from worker.generate import generators
 
@@ -261,7 +262,7 @@ def test_progress_is_written_beside_the_steps_and_a_job_it_finds_lost_is_dropped
         wrote.append(step)
         return {"keep"}
 
-    monkeypatch.setattr(batching, "_write_progress", write_progress)
+    monkeypatch.setattr(batching, "write_progress", write_progress)
     monkeypatch.setattr(batching.broker, "cancels_requested", lambda ids: [False] * len(ids))
     keep, drop = batching.Member("keep", 1, {"num_images": 1}), batching.Member("drop", 1, {"num_images": 1})
     with ThreadPoolExecutor(max_workers=1) as beside:
@@ -529,7 +530,7 @@ def test_a_database_outage_while_gathering_runs_the_batch_already_claimed(
     reset_caches()
     job_id = submit()
     claims: list[str | None] = []
-    original = tasks.claim_jobs
+    original = worker_claims.claim_jobs
 
     def down_after_the_claim(session: Any, queue: str, **kwargs: Any) -> Any:
         claims.append(kwargs.get("key"))
@@ -537,7 +538,7 @@ def test_a_database_outage_while_gathering_runs_the_batch_already_claimed(
             raise OperationalError("SELECT", {}, ConnectionRefusedError("database down"))
         return original(session, queue, **kwargs)
 
-    monkeypatch.setattr(tasks, "claim_jobs", down_after_the_claim)
+    monkeypatch.setattr(worker_claims, "claim_jobs", down_after_the_claim)
     assert tasks.run_job(job_id) == "succeeded"
     job = load(job_id)
     assert job.status == "succeeded" and job.attempts == 1  # run now, not left for its lease to lapse

@@ -1,0 +1,80 @@
+"""The sidecar process (worker/sidecar.py): calls run there, in order, answered when asked; a dead sidecar
+loses no call; and a run of batches through it claims, writes progress and finishes its jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shared.db import session_scope
+from shared.jobs import get_job
+from tests.support import reset_caches
+from tests.worker.test_batching import load, submit
+from worker import sidecar, store, tasks
+
+
+@pytest.fixture
+def helpers(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("DARKROOM_ENCODE_PROCESSES", "1")
+    reset_caches()
+    yield
+    sidecar.shutdown()
+    store.shutdown()
+
+
+def slow_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def fails(message: str) -> None:
+    raise ValueError(message)
+
+
+def test_calls_run_in_the_sidecar_in_order_and_are_answered_when_asked(helpers: None) -> None:
+    car = sidecar.get()
+    assert car is not None and car.process.pid != os.getpid()
+    slow = car.submit(slow_pid, 0.3)
+    quick = car.submit(os.getpid)
+    assert not slow.done()  # asking does not wait
+    assert quick.result() == slow.result() == car.process.pid
+    with pytest.raises(ValueError, match="no such thing"):
+        car.submit(fails, "no such thing").result()
+    assert sidecar.get() is car  # one per worker process
+
+
+def test_without_helper_processes_the_work_beside_a_call_runs_on_a_thread(darkroom_env: dict[str, Any]) -> None:
+    assert sidecar.get() is None
+    with sidecar.beside() as beside:
+        assert beside.submit(os.getpid).result() == os.getpid()
+
+
+def test_a_dead_sidecars_calls_run_in_the_worker_and_a_new_one_starts(helpers: None) -> None:
+    car = sidecar.get()
+    assert car is not None
+    car.submit(os.getpid).result()  # up
+    os.kill(car.process.pid, signal.SIGKILL)
+    car.process.join(5)
+    unanswered = car.submit(os.getpid)
+    assert unanswered.result() == os.getpid()  # run here instead
+    again = sidecar.get()
+    assert again is not None and again is not car
+    assert again.submit(os.getpid).result() == again.process.pid
+
+
+def test_batches_run_with_their_claims_and_progress_on_the_sidecar(helpers: None) -> None:
+    # Two batches (two sizes): the second is claimed by the sidecar during the first call's last step, and
+    # every step's progress is written there.
+    first, second = submit(width=96), submit(width=128)
+    assert tasks.run_job(first) == "succeeded"
+    for job_id in (first, second):
+        job = load(job_id)
+        assert job.status == "succeeded" and job.attempts == 1
+        assert job.progress_step == job.progress_total == 3
+    with session_scope() as session:
+        assert get_job(session, first).started_at < get_job(session, second).started_at
