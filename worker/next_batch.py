@@ -2,8 +2,9 @@
 
 A claim is a handful of statements (candidates, fair share, caps, the UPDATE that takes the rows): 9 to
 15 ms of wall time on the 2-core VM, during which the accelerator would sit idle between two calls. It is
-started when the current call reaches its last denoising step, and runs on a thread while the pipeline
-decodes, so it hides behind the decode rather than adding to the gap.
+started when the current call reaches its last denoising step, and runs on the sidecar process
+(worker/sidecar.py; a thread without one) while the pipeline decodes, so it hides behind the decode
+rather than adding to the gap.
 
 Not earlier: jobs claimed are this worker's (`running`, under its lease) until it runs them, and another
 worker that falls idle meanwhile cannot take them. Claimed at the last step, they wait for one decode;
