@@ -92,6 +92,9 @@ class Sidecar:
             self._conn.send((ticket, fn, args))
         except OSError:
             self.gone = True
+        except BaseException:
+            self._abandon()  # cut off mid-message (a time limit's exception): the stream is no longer whole
+            raise
         return Pending(self, ticket, fn, args)
 
     def answered(self, ticket: int, *, wait: bool) -> bool:
@@ -103,19 +106,32 @@ class Sidecar:
             try:
                 if not self._conn.poll(None if wait else 0):
                     return False
+            except OSError:
+                self.gone = True
+                continue
+            try:
                 answer, ok, value = self._conn.recv()
             except (EOFError, OSError):
                 self.gone = True
                 continue
+            except BaseException:
+                self._abandon()  # cut off mid-message: the rest of it would be read as the next reply
+                raise
             self._replies[answer] = (ok, value)
         return True
+
+    def _abandon(self) -> None:
+        """Give up on this sidecar: closing our end ends it, and the next `get()` starts another."""
+        self.gone = True
+        self._conn.close()
 
     def take(self, ticket: int) -> tuple[bool, Any]:
         return self._replies.pop(ticket)
 
-    def close(self) -> None:
-        self._conn.close()
-        self.process.join(timeout=5)
+    def close(self, timeout: float = 5) -> None:
+        if not self._conn.closed:
+            self._conn.close()
+        self.process.join(timeout=timeout)
 
 
 _sidecar: Sidecar | None = None
@@ -126,6 +142,8 @@ def get() -> Sidecar | None:
     global _sidecar
     if store.processes() == 0:  # the same switch as the encoders': no helper processes at all
         return None
+    if _sidecar is not None and _sidecar.gone and _sidecar.pid == os.getpid():
+        _sidecar.close(timeout=1)
     if _sidecar is None or _sidecar.gone or _sidecar.pid != os.getpid():
         _sidecar = Sidecar()
     return _sidecar
