@@ -279,12 +279,13 @@ def succeed_job(session: Session, job_id: str, *, attempt: int, outputs: list[di
     return job_id in succeed_jobs(session, {job_id: (attempt, outputs)})
 
 
-def succeed_jobs(session: Session, done: dict[str, tuple[int, list[dict[str, Any]]]]) -> set[str]:
+def succeed_jobs(session: Session, done: dict[str, tuple[int, list[dict[str, Any]]]]) -> dict[str, Job]:
     """`succeed_job` for a batch's jobs (job id -> (attempt, outputs)) in one UPDATE, each with its own
-    outputs; returns the ids this worker still owned. One statement, not one per job: recording a batch
-    runs beside the next batch's call, whose Python it slows for as long as it holds the GIL."""
+    outputs; returns the jobs this worker still owned, by id, as the UPDATE left them. One statement, not
+    one per job: recording a batch runs beside the next batch's call, whose Python it slows for as long as
+    it holds the GIL."""
     if not done:
-        return set()
+        return {}
     outputs = case(
         {job_id: literal(outs, JSON()) for job_id, (_, outs) in done.items()}, value=Job.id, else_=Job.outputs
     )
@@ -296,7 +297,7 @@ def succeed_jobs(session: Session, done: dict[str, tuple[int, list[dict[str, Any
         where=[tuple_(Job.id, Job.attempts).in_([(job_id, attempt) for job_id, (attempt, _) in done.items()])],
         values={"outputs": outputs, "finished_at": utcnow(), "lease_expires_at": None},
     )
-    return set(won)
+    return won
 
 
 def fail_job(session: Session, job_id: str, *, attempt: int | None, code: str, message: str) -> bool:

@@ -1,5 +1,5 @@
 """Recording a stored batch: each job's end in the database (succeeded, or failed because storage gave up)
-and the metrics of every job of the batch that ended.
+and the metrics of every job of the batch that ended (from what the final UPDATE returned, not read back).
 
 This is SQLAlchemy and Redis work in Python, several milliseconds per batch. It runs on an encoder process
 when there are any (worker/store.py), like the encoding and uploads before it: on the store thread it would
@@ -17,6 +17,7 @@ from shared.db import retry_unit_of_work
 from shared.jobs import fail_job, succeed_jobs
 from shared.settings import get_settings
 from shared.storage import StorageUnavailable
+from shared.tables import Job
 from worker import status
 
 log = logging.getLogger("darkroom.worker")
@@ -51,6 +52,7 @@ def record_batch(stored: Stored, *, ended_before: list[str]) -> dict[str, str]:
         else:
             uploaded[job_id] = (attempt, outputs)
     outcomes: dict[str, str] = {}
+    won: dict[str, Job] = {}
     if gave_up:
         fail_jobs(gave_up, "storage_unavailable", outcomes)
     if uploaded:
@@ -67,6 +69,7 @@ def record_batch(stored: Stored, *, ended_before: list[str]) -> dict[str, str]:
             else:
                 outcomes[job_id] = "discarded"
                 log.info("job %s finished but was canceled or taken over meanwhile; outputs discarded", job_id)
-    ended = [job_id for job_id, outcome in outcomes.items() if outcome in ("succeeded", "failed")]
-    status.record_metrics([*ended_before, *ended])
+    # The succeeded jobs as their UPDATE returned them; the failed ones (rare) are read back.
+    status.record_metrics_of(list(won.values()))
+    status.record_metrics([*ended_before, *gave_up])
     return outcomes

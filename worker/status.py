@@ -118,6 +118,19 @@ def _record_metrics(job_ids: list[str]) -> None:
     # between a finished batch and the worker taking its next message.
     with session_scope() as session:
         jobs = session.scalars(select(Job).where(Job.id.in_(job_ids))).all()
+    record_metrics_of(list(jobs))
+
+
+def record_metrics_of(jobs: list[Job]) -> None:
+    """`record_metrics` for jobs at hand as they ended (the RETURNING of the UPDATE that ended them): no
+    read back. Never raises."""
+    try:
+        _record_metrics_of(jobs)
+    except Exception as exc:
+        log.debug("metrics of %d jobs not recorded: %s", len(jobs), type(exc).__name__)
+
+
+def _record_metrics_of(jobs: list[Job]) -> None:
     observations: list[tuple[str, dict[str, str], float]] = []
     counts: list[tuple[str, dict[str, str], float]] = []
     for job in jobs:

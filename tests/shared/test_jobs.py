@@ -118,7 +118,8 @@ def test_a_batch_succeeds_in_one_go_each_job_with_its_own_outputs(new_job: Calla
 
     with session_scope() as session:
         won = succeed_jobs(session, {job_id: (job.attempts, outputs[job_id]) for job_id, job in claimed.items() if job})
-    assert won == {first, second}
+    assert set(won) == {first, second}
+    assert all(won[job_id].outputs == outputs[job_id] for job_id in won)  # as the UPDATE left them
     for job_id in (first, second):
         job = read(job_id)
         assert (job.status, job.outputs, job.lease_expires_at) == (SUCCEEDED, outputs[job_id], None)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from shared.storage import get_storage, output_key
 from tests.support import reset_caches
-from worker import store
+from worker import record, store
 from worker.outputs import encode_output
 from worker.watermark import has_watermark
 
@@ -174,3 +174,20 @@ def test_encoders_yield_the_cpu_to_the_generating_process(encoders: None) -> Non
     assert pool is not None
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == mine + store.ENCODER_NICENESS
+
+
+def test_recording_a_batch_records_its_metrics(darkroom_env: dict[str, Any]) -> None:
+    # Succeeded jobs are counted from what their UPDATE returned; one whose uploads gave up, read back.
+    from shared import metrics
+    from shared.storage import StorageUnavailable
+
+    kept, also, lost = claimed_jobs(3)
+    one = [{"key": "k", "width": 64, "height": 48, "seed": 1, "content_type": "image/png", "nsfw": False}]
+    stored = {kept: (1, one), also: (1, one + one), lost: (1, StorageUnavailable("storage did not answer"))}
+    assert record.record_batch(stored, ended_before=[]) == {kept: "succeeded", also: "succeeded", lost: "failed"}
+    samples = {(name, tuple(sorted(labels.items()))): value for name, labels, value in metrics.read_all()}
+    model = (("model", "tiny-sd"),)
+    assert samples[("images_total", model)] == 3
+    assert samples[("job_queued_seconds_count", model)] == 3
+    assert samples[("job_running_seconds_count", (("model", "tiny-sd"), ("status", "succeeded")))] == 2
+    assert samples[("job_running_seconds_count", (("model", "tiny-sd"), ("status", "failed")))] == 1
