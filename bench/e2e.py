@@ -5,7 +5,8 @@ Redis + local storage, as real processes, versus the same N images made in this 
 through the same `worker.generate.generate_batch`), so `service_vs_direct` measures what the service adds
 (HTTP, queue, claims, PNG encoding, storage, database) and not what batching saves. One image per call is
 printed too, for scale. `idle_start_p50_ms` is created_at -> started_at of jobs submitted one at a time to
-an idle worker, read from the job records.
+an idle worker, read from the job records; `idle_round_trip_ms`, one PostgreSQL round trip after the same
+0.2 s of quiet, is this machine's cost of waking an idle process, the scale to read it against.
 
 A burst is submitted as a backend would: over `--concurrency` keep-alive connections opened beforehand,
 with the cheap client of bench/client.py (on two cores the client's CPU is taken from the service it
@@ -224,6 +225,20 @@ class Bench:
         log = (self.workdir / "worker.log").read_text(errors="replace")
         return [int(m) for m in re.findall(r"running (\d+) jobs", log)]
 
+    def idle_round_trip(self, n: int = 10) -> float:
+        """p50 of a PostgreSQL `SELECT 1` after 0.2 s of quiet (ms): what waking an idle process costs this
+        machine. An idle job's start is several such hops (API, PostgreSQL, Redis, the worker's two
+        processes), so this is the scale to read `idle_start_p50_ms` against: on the 2-core VM it ranged
+        from under 1 ms to 10 ms between hours."""
+        times = []
+        with self.engine.connect() as conn:
+            for _ in range(n):
+                time.sleep(0.2)
+                start = time.perf_counter()
+                conn.execute(text("SELECT 1"))
+                times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+
     def idle_starts(self, n: int) -> list[float]:
         """created_at -> started_at (ms) of n jobs, each submitted to an idle worker."""
         waits = []
@@ -308,6 +323,7 @@ def main() -> None:
                 before = len(bench.batch_sizes())
                 direct_batched = max(direct_batched, direct(args, pipe, batch))
             idle = bench.idle_starts(args.idle)
+            wake = bench.idle_round_trip()
         direct_single = direct(args, pipe, 1)
 
     figures = {
@@ -315,6 +331,7 @@ def main() -> None:
         "direct_img_per_s": round(direct_batched, 2),
         "service_vs_direct": round(service / direct_batched, 3),
         "idle_start_p50_ms": round(statistics.median(idle), 1),
+        "idle_round_trip_ms": round(wake, 2),
     }
     title = f"darkroom end to end: {args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, tiny-sd"
     table = Table(title=f"{title}, {args.threads} torch thread(s)")
@@ -328,6 +345,7 @@ def main() -> None:
     table.add_row("best burst: pipeline calls (mean jobs per call)", f"{len(sizes)} ({statistics.mean(sizes):.1f})")
     table.add_row(f"idle submit -> running, p50 of {args.idle} (ms)", f"{statistics.median(idle):.1f}")
     table.add_row("idle submit -> running, max (ms)", f"{max(idle):.1f}")
+    table.add_row("for scale: PostgreSQL SELECT 1 after 0.2 s idle, p50 (ms)", f"{wake:.1f}")
     Console().print(table)
     print(json.dumps(figures))
 
