@@ -151,9 +151,7 @@ def get() -> Sidecar | None:
 
 def start() -> None:
     """Start the sidecar now (it imports SQLAlchemy and the models for about a second), not on first use."""
-    sidecar = get()
-    if sidecar is not None:
-        sidecar.submit(os.getpid)
+    get()
 
 
 def shutdown() -> None:

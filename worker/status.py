@@ -118,7 +118,7 @@ def _record_metrics(job_ids: list[str]) -> None:
     # between a finished batch and the worker taking its next message.
     with session_scope() as session:
         jobs = session.scalars(select(Job).where(Job.id.in_(job_ids))).all()
-    record_metrics_of(list(jobs))
+    _record_metrics_of(list(jobs))
 
 
 def record_metrics_of(jobs: list[Job]) -> None:

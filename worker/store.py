@@ -208,12 +208,8 @@ def store_and_record(jobs: list[ToStore], *, ended_before: list[str], spare_here
     options = _options()
     # The first share carries the jobs that ended before; with a spare thread, it is this thread's.
     ended = [ended_before] + [[] for _ in shares[1:]]
-    pending: list[tuple[int, Future[dict[str, str]] | None]] = []
-    for i, share in enumerate(shares[1:] if spare_here else shares, start=1 if spare_here else 0):
-        try:
-            pending.append((i, pool.submit(_store_and_record_share, share, options, ended[i])))
-        except (BrokenProcessPool, RuntimeError):
-            pending.append((i, None))
+    on_pool = range(1 if spare_here else 0, len(shares))
+    pending = [(i, _submit(pool, _store_and_record_share, shares[i], options, ended[i])) for i in on_pool]
     outcomes = _store_and_record_share(shares[0], options, ended[0]) if spare_here else {}
     for i, future in pending:
         try:
@@ -228,6 +224,14 @@ def store_and_record(jobs: list[ToStore], *, ended_before: list[str], spare_here
             _forget_pool()
             outcomes.update(_store_and_record_share(shares[i], options, ended[i]))
     return outcomes
+
+
+def _submit(pool: ProcessPoolExecutor, fn: Callable[..., T], *args: Any) -> Future[T] | None:
+    """`pool.submit`, or None when the pool is already broken (or shut down)."""
+    try:
+        return pool.submit(fn, *args)
+    except (BrokenProcessPool, RuntimeError):
+        return None
 
 
 def _deal(jobs: list[ToStore], parts: int) -> list[list[ToStore]]:
