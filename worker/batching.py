@@ -217,6 +217,13 @@ class StepHook:
         """Wait for this call's progress writes, dropping the jobs they found no longer ours."""
         self._look_at_writes(wait=True)
 
+    def abandon(self) -> None:
+        """Stop listening for the writes not settled: a call that ended in an error or StopGeneration has
+        no use for what they found, and the sidecar would otherwise keep their replies for good."""
+        for _live, write in self.writes:
+            write.cancel()
+        self.writes.clear()
+
     def _look_at_writes(self, *, wait: bool) -> None:
         while self.writes and (wait or self.writes[0][1].done()):
             live, write = self.writes.pop(0)

@@ -40,11 +40,13 @@ class SidecarGone(Exception):
 
 
 class Later(Protocol):
-    """What `submit` returns, on the sidecar or on a thread: a Future's `done()` and `result()`."""
+    """What `submit` returns, on the sidecar or on a thread: a Future's `done()`, `result()` and `cancel()`."""
 
     def done(self) -> bool: ...
 
     def result(self) -> Any: ...
+
+    def cancel(self) -> bool: ...
 
 
 class Pending:
@@ -70,6 +72,11 @@ class Pending:
             raise value
         return value
 
+    def cancel(self) -> bool:
+        """Nobody will ask for the result: the call still runs there, but its reply is not kept."""
+        self._sidecar.forget(self._ticket)
+        return False  # as a Future already running: it was sent
+
 
 class Sidecar:
     """The sidecar process and its pipe. Used from one thread only (the generating one)."""
@@ -84,6 +91,7 @@ class Sidecar:
         self.pid = os.getpid()
         self._next = 0
         self._replies: dict[int, tuple[bool, Any]] = {}
+        self._forgotten: set[int] = set()  # tickets whose replies are thrown away when they come
         self.gone = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any) -> Pending:
@@ -117,7 +125,10 @@ class Sidecar:
             except BaseException:
                 self._abandon()  # cut off mid-message: the rest of it would be read as the next reply
                 raise
-            self._replies[answer] = (ok, value)
+            if answer in self._forgotten:
+                self._forgotten.discard(answer)
+            else:
+                self._replies[answer] = (ok, value)
         return True
 
     def _abandon(self) -> None:
@@ -127,6 +138,15 @@ class Sidecar:
 
     def take(self, ticket: int) -> tuple[bool, Any]:
         return self._replies.pop(ticket)
+
+    def forget(self, ticket: int) -> None:
+        if self._replies.pop(ticket, None) is None:
+            self._forgotten.add(ticket)
+
+    @property
+    def unread(self) -> int:
+        """Replies kept for calls nobody has asked about yet."""
+        return len(self._replies)
 
     def close(self, timeout: float = 5) -> None:
         if not self._conn.closed:

@@ -286,6 +286,8 @@ def compute(
             log.exception("generation failed")
             fail(hook.live(), *failures.describe(exc))
             return computed
+        finally:
+            hook.abandon()  # a finished call's writes were settled; a stopped or failed one's are dropped
 
         by_id = {m.job_id: m for m in members}
         for job_id, (code, message) in result.failed.items():

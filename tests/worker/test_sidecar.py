@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
+from shared import broker
 from shared.db import session_scope
-from shared.jobs import get_job
+from shared.jobs import cancel_job, get_job
 from tests.support import reset_caches
 from tests.worker.test_batching import load, submit
-from worker import sidecar, store, tasks
+from worker import batching, sidecar, store, tasks
+from worker.progress import write_progress
 
 
 @pytest.fixture
@@ -34,6 +36,11 @@ def slow_pid(seconds: float) -> int:
 
 def fails(message: str) -> None:
     raise ValueError(message)
+
+
+def slow_write(*args: Any) -> set[str] | None:
+    time.sleep(0.3)  # still on its way when the call stops
+    return write_progress(*args)
 
 
 def test_calls_run_in_the_sidecar_in_order_and_are_answered_when_asked(helpers: None) -> None:
@@ -78,3 +85,32 @@ def test_batches_run_with_their_claims_and_progress_on_the_sidecar(helpers: None
         assert job.progress_step == job.progress_total == 3
     with session_scope() as session:
         assert get_job(session, first).started_at < get_job(session, second).started_at
+
+
+def test_a_call_stopped_by_a_cancel_leaves_no_reply_behind_on_the_sidecar(
+    helpers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Progress written at every step, slowly: the writes of steps 1 and 2 are unanswered when the job,
+    # canceled at step 3, stops the call. Nobody will read their replies, so the sidecar must not keep them.
+    monkeypatch.setenv("DARKROOM_PROGRESS_INTERVAL", "0")
+    reset_caches()
+    monkeypatch.setattr(batching, "write_progress", slow_write)
+    monkeypatch.setattr(batching, "CANCEL_CHECK_S", 0)
+    job_id = submit(steps=8)
+    original = tasks.StepHook.__call__
+
+    def cancel_at_step_3(self: tasks.StepHook, step: int, total: int) -> None:
+        if step == 3:
+            with session_scope() as session:
+                cancel_job(session, job_id, load(job_id).tenant_id)
+            broker.request_cancel(job_id)
+        original(self, step, total)
+
+    monkeypatch.setattr(tasks.StepHook, "__call__", cancel_at_step_3)
+    assert tasks.run_job(job_id) == "stopped"
+    assert load(job_id).status == "canceled"
+    car = sidecar.get()
+    assert car is not None
+    time.sleep(0.8)  # both writes done there
+    car.submit(os.getpid).result()  # reads every reply that came before this one
+    assert car.unread == 0
