@@ -128,11 +128,11 @@ class Settings(BaseSettings):
         description="zlib level of PNG outputs: 9 smallest, 1 fastest. zlib's usual 6 took about 1.5 times the CPU"
         " of 4 on a 512x512 image, for about 6% fewer bytes.",
     )
-    compile: bool = Field(False, description="torch.compile the UNet (mode reduce-overhead) on CUDA workers.")
+    compile: bool = Field(False, description="torch.compile the UNet (mode reduce-overhead: CUDA graphs on a GPU).")
     compile_shapes: str = Field(
         "",
-        description="With compile: WIDTHxHEIGHTxBATCH buckets warmed at load, e.g. `512x512x1,512x512x8`;"
-        " batches are padded up to the nearest bucket.",
+        description="With compile: WIDTHxHEIGHTxBATCH buckets, e.g. `512x512x1,512x512x8`, compiled right after a"
+        " freshly loaded model's first call (which runs eagerly); batches are padded up to the nearest bucket.",
     )
     inductor_cache_dir: Path | None = Field(
         None, description="torch.compile's cache, kept across restarts. Default: `<data_dir>/inductor-cache`."

@@ -28,7 +28,7 @@ from shared import broker
 from shared.scheduling import batch_key
 from shared.settings import Settings
 from worker import failures, faults, status
-from worker.acceleration import bucket_for, parse_shapes
+from worker.acceleration import bucket_for, cold_stance, is_cold, parse_shapes
 from worker.generate import StopGeneration, generate_batch
 from worker.inputs import load_inputs
 from worker.preview import Factors, preview_uri
@@ -322,20 +322,22 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
     first = members[0].request
     images = sum(m.images for m in members)
     pad_to = 0
-    if settings.compile and not is_upscaler(pipe):  # upscalers are not compiled (worker/acceleration.py)
+    # Padding is for compiled shapes; upscalers are not compiled, and a cold UNet runs eagerly (acceleration.py).
+    if settings.compile and not is_upscaler(pipe) and not is_cold(pipe):
         pad_to = bucket_for(images, int(first["width"]), int(first["height"]), parse_shapes(settings.compile_shapes))
     # Only a call of its own carries a job's input images (run_batch never batches image tasks).
     inputs = load_inputs(first) if len(members) == 1 else None
     started = time.monotonic()
-    images_out = generate_batch(
-        pipe,
-        [m.request for m in members],
-        hook,
-        pad_to=pad_to,
-        tiling_pixels=settings.vae_tiling_pixels,
-        inputs=inputs,
-        on_latents=hook.see_latents if hook.preview_every else None,
-    )
+    with cold_stance(pipe):
+        images_out = generate_batch(
+            pipe,
+            [m.request for m in members],
+            hook,
+            pad_to=pad_to,
+            tiling_pixels=settings.vae_tiling_pixels,
+            inputs=inputs,
+            on_latents=hook.see_latents if hook.preview_every else None,
+        )
     took = time.monotonic() - started
     _row_seconds[batch_key(first)] = took / max(images, pad_to)
     log.info("call of %d images (padded to %d) took %.0f ms", images, max(images, pad_to), took * 1000)

@@ -26,7 +26,7 @@ from shared.registry import get_registry
 from shared.scheduling import held_back_queues, queue_of
 from shared.settings import Settings, get_settings
 from shared.tables import Job
-from worker import claims, failures, sidecar, status, store
+from worker import acceleration, claims, failures, sidecar, status, store
 from worker.batching import Member, StepHook, full_call_seconds, gather, run_batch
 from worker.generate import StopGeneration
 from worker.lease import Heartbeat
@@ -105,15 +105,26 @@ def run_job(job_id: str) -> str:
             members, tenants = gather_company(claimed, settings, me)
             status.state.current_job = members[0].job_id
             following = NextBatch(beside, claim_next, until=stop_claiming_at, stopping=status.stop_requested)
+
+            def near_end(following: NextBatch[Job] = following) -> None:
+                if not acceleration.cold():  # else claimed after the warm-up below, not held through it
+                    following.start()
+
             computed = compute(
-                claimed[0].model, queue, members, tenants, settings, near_end=following.start, writer=beside.submit
+                claimed[0].model, queue, members, tenants, settings, near_end=near_end, writer=beside.submit
             )
             if storing is not None:
                 outcomes.update(settle(storing.result()))
             stopping = computed.stopped or status.stop_requested()
-            claimed = [] if stopping else following.take()
+            # A freshly loaded model's first call ran eagerly: its compiled shapes warm once its images are
+            # on their way to storage, and before anything more is claimed.
+            warming = not stopping and acceleration.cold()
+            claimed = [] if stopping or warming else following.take()
             # With nothing to run next, the generating thread's core stores too (worker/store.py).
-            storing = storer.submit(store_and_record, computed, settings, spare_here=not claimed)
+            storing = storer.submit(store_and_record, computed, settings, spare_here=not claimed and not warming)
+            if warming:
+                stopping = not warm_cold()
+                claimed = [] if stopping else following.take()
             if stopping:
                 # Claimed during the last step of a call that then stopped the loop: never run, so not an attempt.
                 outcomes.update(hand_back_all([member_of(job) for job in following.claimed()], queue))
@@ -121,6 +132,16 @@ def run_job(job_id: str) -> str:
         if storing is not None:
             outcomes.update(settle(storing.result()))
     return summary(outcomes)
+
+
+def warm_cold() -> bool:
+    """Warm the cold compiled shapes; False if the task's time limit came first (the next task goes on)."""
+    try:
+        acceleration.warm_cold()
+    except SoftTimeLimitExceeded:
+        log.warning("the task's time limit came while warming compiled shapes")
+        return False
+    return True
 
 
 def gather_company(claimed: list[Job], settings: Settings, me: str) -> tuple[list[Member], set[str]]:
