@@ -39,6 +39,8 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "dynamic": False}
 # Compiled UNets whose shapes are not warmed yet -> (the pipeline loaded with it, the shapes). Keyed by the
 # module, which every pipeline built over the loaded one shares (worker/variants.py).
 _cold: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], list[tuple[int, int, int]]]] = weakref.WeakKeyDictionary()
+# Compiled UNets whose warming failed: they run eagerly for as long as they are loaded.
+_failed: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -88,10 +90,10 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     return pipe
 
 
-def is_cold(pipe: Any) -> bool:
-    """Whether `pipe`'s UNet is compiled and its shapes are not warmed yet."""
+def runs_eager(pipe: Any) -> bool:
+    """Whether `pipe`'s UNet is compiled but runs eagerly: its shapes are not warmed yet, or failed to compile."""
     unet = getattr(pipe, "unet", None)
-    return unet is not None and unet in _cold
+    return unet is not None and (unet in _cold or unet in _failed)
 
 
 def cold() -> bool:
@@ -101,8 +103,8 @@ def cold() -> bool:
 
 @contextlib.contextmanager
 def cold_stance(pipe: Any) -> Iterator[None]:
-    """Run a cold compiled UNet eagerly: its call must not wait for a compilation."""
-    if not is_cold(pipe):
+    """Run a cold compiled UNet eagerly: its call must not wait for a compilation (nor fail in one)."""
+    if not runs_eager(pipe):
         yield
         return
     import torch
@@ -112,8 +114,8 @@ def cold_stance(pipe: Any) -> Iterator[None]:
 
 
 def warm_cold() -> None:
-    """Warm the shapes of every cold compiled UNet. A failure is logged, and that model's shapes compile
-    when a call first needs them, as without warming; the time limit's exception goes through."""
+    """Warm the shapes of every cold compiled UNet. A failure is logged, and that model goes on eagerly;
+    the time limit's exception goes through (still cold: the next task warms it)."""
     from celery.exceptions import SoftTimeLimitExceeded
 
     for unet, (pipe_ref, shapes) in list(_cold.items()):
@@ -122,9 +124,10 @@ def warm_cold() -> None:
             if pipe is not None:
                 warm(pipe, shapes)
         except SoftTimeLimitExceeded:
-            raise  # still cold: the next task warms it
+            raise
         except Exception:
-            log.exception("warming the compiled shapes failed; they compile when first used")
+            log.exception("compiling the UNet's shapes failed; the model runs eagerly")
+            _failed.add(unet)
         _cold.pop(unet, None)
 
 

@@ -28,7 +28,7 @@ from shared import broker
 from shared.scheduling import batch_key
 from shared.settings import Settings
 from worker import failures, faults, status
-from worker.acceleration import bucket_for, cold_stance, is_cold, parse_shapes
+from worker.acceleration import bucket_for, cold_stance, parse_shapes, runs_eager
 from worker.generate import StopGeneration, generate_batch
 from worker.inputs import load_inputs
 from worker.preview import Factors, preview_uri
@@ -323,7 +323,7 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
     images = sum(m.images for m in members)
     pad_to = 0
     # Padding is for compiled shapes; upscalers are not compiled, and a cold UNet runs eagerly (acceleration.py).
-    if settings.compile and not is_upscaler(pipe) and not is_cold(pipe):
+    if settings.compile and not is_upscaler(pipe) and not runs_eager(pipe):
         pad_to = bucket_for(images, int(first["width"]), int(first["height"]), parse_shapes(settings.compile_shapes))
     # Only a call of its own carries a job's input images (run_batch never batches image tasks).
     inputs = load_inputs(first) if len(members) == 1 else None

@@ -26,9 +26,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.events: list[str] = []
+        self.broken = False  # compiling fails, as inductor would without a working compiler
 
     def __call__(self, graph: torch.fx.GraphModule, _inputs: list[Any]) -> Callable[..., Any]:
         self.events.append("compile")
+        if self.broken:
+            raise RuntimeError("no compiler here")
 
         def run(*args: Any) -> Any:
             self.events.append("compiled run")
@@ -54,14 +57,14 @@ def recorder(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> I
 
 def test_a_fresh_models_first_call_runs_eagerly_and_its_shapes_compile_after(recorder: Recorder) -> None:
     pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
-    assert acceleration.is_cold(pipe) and acceleration.cold()
+    assert acceleration.runs_eager(pipe) and acceleration.cold()
     prompt: dict[str, Any] = {"prompt": "a lighthouse", "width": 64, "height": 48, "num_inference_steps": 2}
     with acceleration.cold_stance(pipe), torch.inference_mode():
         pipe(**prompt, output_type="latent")
     assert recorder.events == []  # eager: nothing compiled, nothing ran compiled
 
     acceleration.warm_cold()
-    assert not acceleration.is_cold(pipe) and not acceleration.cold()
+    assert not acceleration.runs_eager(pipe) and not acceleration.cold()
     compiled = recorder.count("compile")
     assert compiled >= 2  # at least a graph per shape: 1 and 2 images (2 and 4 UNet rows with guidance)
 
@@ -71,6 +74,17 @@ def test_a_fresh_models_first_call_runs_eagerly_and_its_shapes_compile_after(rec
             pipe(**prompt, num_images_per_prompt=images, output_type="latent")
         assert recorder.count("compile") == compiled
         assert recorder.count("compiled run") > runs
+
+
+def test_a_model_whose_shapes_fail_to_compile_goes_on_eagerly(recorder: Recorder) -> None:
+    recorder.broken = True
+    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    acceleration.warm_cold()  # logs the failure
+    assert not acceleration.cold() and acceleration.runs_eager(pipe)
+    tried = recorder.count("compile")
+    with acceleration.cold_stance(pipe), torch.inference_mode():
+        images = pipe(prompt="a lighthouse", width=64, height=48, num_inference_steps=2).images
+    assert len(images) == 1 and recorder.count("compile") == tried  # served, not compiled again
 
 
 def test_a_fresh_worker_serves_its_first_job_before_compiling_then_runs_compiled(
