@@ -7,7 +7,9 @@ service runs as real processes (`darkroom api` + one `darkroom worker`) on SQLit
 compatible jobs through the service, images/s of plain diffusers one job per call, the latency of one job
 submitted to an idle worker, and the service's fraction of the FLOP ceiling (UNet FLOPs per image from
 torch's FlopCounterMode, the card's bf16 matmul rate measured here). With the SD 1.5 worker compiled, it
-also restarts that worker on its kept compile cache and times its first job. Compare with
+also restarts that worker on its kept compile cache and times its first job. From the worker's log it
+takes the rate of its own full calls (`*_full_call_img_per_s`), which tells a slow call from a slow
+service around it. Compare with
 /work/shared/gpu-baseline (plain diffusers on an H200). Each architecture's figures are printed as one
 JSON line as soon as they exist; the last line is one JSON object of them all.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -397,6 +400,18 @@ class Service:
         return statistics.median(starts), statistics.median(totals)
 
 
+CALL_LINE = re.compile(r"call of (\d+) images \(padded to (\d+)\) took (\d+) ms")
+
+
+def call_rates(worker_log: Path, batch: int) -> list[float]:
+    """Images/s of each of the worker's calls of `batch` images (padding counted as images), from its log."""
+    rates = []
+    for _images, padded, ms in CALL_LINE.findall(worker_log.read_text(errors="replace")):
+        if int(padded) == batch and int(ms) > 0:
+            rates.append(int(padded) * 1000 / int(ms))
+    return rates
+
+
 def _ms(a: str, b: str) -> float:
     from datetime import datetime
 
@@ -485,6 +500,9 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
     }
     if restart_s is not None:
         results[f"{arch}_restart_first_job_s"] = round(restart_s, 1)
+    full_calls = call_rates(workdir / arch / "worker.log", batch)
+    if full_calls:  # the worker's own full calls: how much of the gap to the ceiling is the call itself
+        results[f"{arch}_full_call_img_per_s"] = round(statistics.median(full_calls), 3)
     # Each architecture's figures as soon as they exist: a run cut short keeps what it measured.
     print(json.dumps(results), flush=True)
     return results
@@ -505,13 +523,16 @@ def main() -> None:
     parser.add_argument("--direct-images", type=int, default=8, help="images for plain diffusers")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="SD 1.5 worker runs eager")
     parser.add_argument("--compile-shapes", default="512x512x1,512x512x16")
+    parser.add_argument(
+        "--cpu-compile", action="store_true", help="compile on a CPU too (smoke check of compile and restart)"
+    )
     parser.add_argument("--no-restart", dest="restart", action="store_false", help="skip the warm-restart figure")
     parser.add_argument("--workdir", type=Path, help="keep models, logs and caches here (default: a temp dir)")
     parser.add_argument("--cache-dir", type=Path, help="inductor cache kept across runs (default: a temp dir)")
     parser.add_argument("--budget-s", type=float, default=480, help="whole run; SDXL is skipped if it would not fit")
     args = parser.parse_args()
     args.steps = args.steps or (4 if args.tiny else 30)
-    if args.device == "cpu":
+    if args.device == "cpu" and not args.cpu_compile:
         args.compile = False
     sys.path.insert(0, str(ROOT))
 

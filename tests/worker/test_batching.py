@@ -64,6 +64,20 @@ def load(job_id: str) -> Any:
         return get_job(session, job_id)
 
 
+def cancel_at_step(monkeypatch: pytest.MonkeyPatch, job_id: str, at: int) -> None:
+    """Cancel `job_id` as its owner would (database, then the Redis flag) when a call reaches step `at`."""
+    original = tasks.StepHook.__call__
+
+    def cancelling(self: tasks.StepHook, step: int, total: int) -> None:
+        if step == at:
+            with session_scope() as session:
+                cancel_job(session, job_id, load(job_id).tenant_id)
+            broker.request_cancel(job_id)
+        original(self, step, total)
+
+    monkeypatch.setattr(tasks.StepHook, "__call__", cancelling)
+
+
 def pixels(job_id: str) -> list[np.ndarray]:
     storage = get_storage()
     return [
@@ -204,16 +218,7 @@ def test_a_job_canceled_inside_a_batch_loses_its_images_while_the_others_finish(
     darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keep, drop, also = submit(seed=1, steps=6), submit(seed=2, steps=6), submit(seed=3, steps=6)
-    original = tasks.StepHook.__call__
-
-    def cancel_at_step_2(self: tasks.StepHook, step: int, total: int) -> None:
-        if step == 2:
-            with session_scope() as session:
-                cancel_job(session, drop, load(drop).tenant_id)
-            broker.request_cancel(drop)
-        original(self, step, total)
-
-    monkeypatch.setattr(tasks.StepHook, "__call__", cancel_at_step_2)
+    cancel_at_step(monkeypatch, drop, 2)
     assert tasks.run_job(keep) == "stopped,succeeded"  # one outcome word per distinct outcome in the batch
     assert load(keep).status == load(also).status == "succeeded"
     canceled = load(drop)

@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from shared import broker
 from shared.db import session_scope
-from shared.jobs import cancel_job, get_job
+from shared.jobs import get_job
 from tests.support import reset_caches
-from tests.worker.test_batching import load, submit
+from tests.worker.test_batching import cancel_at_step, load, submit
 from worker import batching, sidecar, store, tasks
 from worker.progress import write_progress
 
@@ -97,16 +96,7 @@ def test_a_call_stopped_by_a_cancel_leaves_no_reply_behind_on_the_sidecar(
     monkeypatch.setattr(batching, "write_progress", slow_write)
     monkeypatch.setattr(batching, "CANCEL_CHECK_S", 0)
     job_id = submit(steps=8)
-    original = tasks.StepHook.__call__
-
-    def cancel_at_step_3(self: tasks.StepHook, step: int, total: int) -> None:
-        if step == 3:
-            with session_scope() as session:
-                cancel_job(session, job_id, load(job_id).tenant_id)
-            broker.request_cancel(job_id)
-        original(self, step, total)
-
-    monkeypatch.setattr(tasks.StepHook, "__call__", cancel_at_step_3)
+    cancel_at_step(monkeypatch, job_id, 3)
     assert tasks.run_job(job_id) == "stopped"
     assert load(job_id).status == "canceled"
     car = sidecar.get()
