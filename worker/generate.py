@@ -104,23 +104,36 @@ def generate_batch(
         on_step(step + 1, total)
 
     configure_vae(pipe, width, height, tiling_pixels)
+    # Text-to-image pipelines hand back tensors, made 8-bit where they are (see `to_pil`); the others keep
+    # diffusers' PIL output, which some of them post-process as PIL images (an inpainting mask's overlay).
+    as_tensors = first.get("task", "txt2img") == "txt2img" and not is_upscaler(pipe)
     with torch.inference_mode():
         result = pipe(
             **text_inputs(pipe, prompts, negatives, uses_cfg(pipe, guidance)),
             num_inference_steps=int(first["steps"]),
             guidance_scale=guidance,
             generator=gens,
-            output_type="pil",
+            output_type="pt" if as_tensors else "pil",
             **step_callback(pipe, after_step),
             **pipe_kwargs_for(first, inputs or {}),
         )
+        made = to_pil(result.images) if as_tensors else result.images
 
     # 3. Each request gets exactly its own images back, at its size (an upscaler's native factor may differ).
     images: list[list[Image.Image]] = [[] for _ in requests]
-    for owner, image in zip(owners, result.images, strict=True):
+    for owner, image in zip(owners, made, strict=True):
         if owner is not None:
             images[owner].append(fit(image, width, height) if first.get("upscaler") else image)
     return images
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """RGB images in [0, 1] (batch, channel, height, width) as diffusers' own PIL conversion makes them (float32
+    times 255, rounded half to even, 8 bits), but converted where they are: from a GPU, a half-precision
+    batch crosses to the host in half the bytes, and the generating thread is spared four passes over its
+    floats (16 images of 512x512 are 12.6 million of them) between one call and the next."""
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(image) for image in pixels]
 
 
 def step_callback(pipe: Any, after_step: Callable[[int, torch.Tensor | None], None]) -> dict[str, Any]:

@@ -394,3 +394,18 @@ def test_the_watermark_survives_a_jpeg_re_encode_at_quality_90() -> None:
     reencoded = Image.open(io.BytesIO(buffer.getvalue()))
     assert has_watermark(reencoded), watermark_bits_matching(reencoded)
     assert not has_watermark(scene)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_images_made_8_bit_where_they_are_equal_diffusers_own_conversion(dtype: torch.dtype) -> None:
+    from diffusers.image_processor import VaeImageProcessor
+
+    from worker.generate import to_pil
+
+    images = torch.rand(3, 3, 24, 16, generator=torch.Generator().manual_seed(5)).to(dtype)
+    images[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 0.0, 1.0])  # halves round to even, ends stay
+    ours = to_pil(images)
+    theirs = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+    assert [image.mode for image in ours] == ["RGB"] * 3
+    for mine, reference in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(reference))
