@@ -131,8 +131,9 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the UNet (mode reduce-overhead: CUDA graphs on a GPU).")
     compile_shapes: str = Field(
         "",
-        description="With compile: WIDTHxHEIGHTxBATCH buckets, e.g. `512x512x1,512x512x8`, compiled right after a"
-        " freshly loaded model's first call (which runs eagerly); batches are padded up to the nearest bucket.",
+        description="With compile: WIDTHxHEIGHTxBATCH buckets, e.g. `512x512x1,512x512x8`, warmed one at a time"
+        " between batches, in this order; batches are padded up to the nearest warmed bucket, and other shapes"
+        " run eagerly.",
     )
     inductor_cache_dir: Path | None = Field(
         None, description="torch.compile's cache, kept across restarts. Default: `<data_dir>/inductor-cache`."
@@ -251,6 +252,9 @@ class Settings(BaseSettings):
             raise ValueError("DARKROOM_SECRET_KEY must be set when DARKROOM_ENV=production")
         if self.job_hard_time_limit <= self.job_soft_time_limit:
             raise ValueError("DARKROOM_JOB_HARD_TIME_LIMIT must be greater than DARKROOM_JOB_SOFT_TIME_LIMIT")
+        if self.compile and not self.compile_shapes.strip():
+            # Only listed shapes run compiled (worker/acceleration.py): compile without one compiles nothing.
+            raise ValueError("DARKROOM_COMPILE_SHAPES must list the shapes to compile when DARKROOM_COMPILE is on")
         if self.test_faults and self.env != "test":
             raise ValueError("DARKROOM_TEST_FAULTS is only allowed with DARKROOM_ENV=test")
         return self

@@ -4,12 +4,14 @@ channels_last is for CUDA only, and compile is off unless `DARKROOM_COMPILE=1`. 
 diffusers' default processor, which calls torch's scaled_dot_product_attention (SDPA): nothing here
 replaces the attention processors, so SDPA stays on.
 
-A compiled model serves before it is warm. On an H200, a restarted SD 1.5 worker spent 17.7 s re-tracing
-its two shapes from the kept compile cache (and minutes with a cold one) before its first job, which then
-took 0.24 s; eager, it takes about 1.4 s (plain diffusers, 0.71 images/s). So the first call of a freshly
-loaded model runs eagerly (`cold_stance`), and its shapes are compiled right after it (`warm_cold`),
-before the worker claims more. The jobs of that first call no longer wait for the compilation; those after
-it wait for it as before, and for the eager call's extra second.
+A compiled model serves before it is warm, and only its warmed shapes run compiled. On an H200, a
+restarted SD 1.5 worker spent 17.7 s re-tracing its two shapes from the kept compile cache (and minutes with
+a cold one) before its first job, which then took 0.24 s; eager, it takes about 1.4 s (plain diffusers,
+0.71 images/s). So a call runs compiled only at a shape already warmed (`stance`), and eagerly otherwise:
+a freshly loaded model's first calls, and any shape not listed, which would otherwise be compiled in the
+middle of somebody's job. The listed shapes are warmed one at a time between batches (`warm_next`), in the
+order listed, after a batch's images are on their way to storage and before the worker claims more: jobs
+wait for at most one shape's compilation, not for all of them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import time
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.settings import Settings
@@ -36,11 +39,20 @@ _WARM_PROMPT = "warm-up"
 # gets kernels specialised to its sizes; by default a second shape would turn the batch dimension symbolic
 # for every bucket.
 COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "dynamic": False}
-# Compiled UNets whose shapes are not warmed yet -> (the pipeline loaded with it, the shapes). Keyed by the
-# module, which every pipeline built over the loaded one shares (worker/variants.py).
-_cold: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], list[tuple[int, int, int]]]] = weakref.WeakKeyDictionary()
-# Compiled UNets whose warming failed: they run eagerly for as long as they are loaded.
-_failed: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@dataclass
+class Warmth:
+    """A compiled UNet's shapes: those warmed, and those still to warm, with the pipeline to warm them by."""
+
+    pipe: weakref.ref[Any]
+    pending: list[tuple[int, int, int]]
+    warmed: set[tuple[int, int, int]] = field(default_factory=set)
+    failed: bool = False  # compiling failed: the UNet runs eagerly for as long as it is loaded
+
+
+# Compiled UNets, keyed by the module, which every pipeline built over the loaded one shares (variants.py).
+_compiled: weakref.WeakKeyDictionary[Any, Warmth] = weakref.WeakKeyDictionary()
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -58,7 +70,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 def bucket_for(images: int, width: int, height: int, shapes: list[tuple[int, int, int]]) -> int:
     """Images per call to run `images` at: the smallest warmed bucket that holds them, else `images` as is.
 
-    Padding up to a compiled shape costs a few wasted rows; a shape never seen costs a recompilation.
+    Padding up to a compiled shape costs a few wasted rows; a shape not listed runs eagerly (see `stance`).
     """
     sizes = sorted(b for w, h, b in shapes if (w, h) == (width, height) and b >= images)
     return sizes[0] if sizes else images
@@ -86,25 +98,22 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     if settings.compile and getattr(pipe, "unet", None) is not None and not is_upscaler(pipe):
         configure_compile_cache(settings)
         pipe.unet = torch.compile(pipe.unet, **COMPILE_OPTIONS)
-        _cold[pipe.unet] = (weakref.ref(pipe), parse_shapes(settings.compile_shapes))
+        _compiled[pipe.unet] = Warmth(weakref.ref(pipe), parse_shapes(settings.compile_shapes))
     return pipe
 
 
-def runs_eager(pipe: Any) -> bool:
-    """Whether `pipe`'s UNet is compiled but runs eagerly: its shapes are not warmed yet, or failed to compile."""
+def compiled_at(pipe: Any, width: int, height: int, images: int) -> bool:
+    """Whether a call of `images` images at `width`x`height` runs `pipe`'s UNet compiled: at a warmed shape."""
     unet = getattr(pipe, "unet", None)
-    return unet is not None and (unet in _cold or unet in _failed)
-
-
-def cold() -> bool:
-    """Whether a loaded model waits for its shapes to be warmed."""
-    return len(_cold) > 0
+    warmth = _compiled.get(unet) if unet is not None else None
+    return warmth is not None and not warmth.failed and (width, height, images) in warmth.warmed
 
 
 @contextlib.contextmanager
-def cold_stance(pipe: Any) -> Iterator[None]:
-    """Run a cold compiled UNet eagerly: its call must not wait for a compilation (nor fail in one)."""
-    if not runs_eager(pipe):
+def stance(pipe: Any, width: int, height: int, images: int) -> Iterator[None]:
+    """A compiled UNet runs eagerly in a call at a shape not warmed: the call must not wait for a compilation
+    (nor fail in one)."""
+    if getattr(pipe, "unet", None) not in _compiled or compiled_at(pipe, width, height, images):
         yield
         return
     import torch
@@ -113,40 +122,49 @@ def cold_stance(pipe: Any) -> Iterator[None]:
         yield
 
 
-def warm_cold() -> None:
-    """Warm the shapes of every cold compiled UNet. A failure is logged, and that model goes on eagerly;
-    the time limit's exception goes through (still cold: the next task warms it)."""
+def cold() -> bool:
+    """Whether a loaded model has listed shapes still to warm."""
+    return any(w.pending and not w.failed for w in _compiled.values())
+
+
+def warm_next() -> None:
+    """Warm the next listed shape of a loaded model. A failure is logged, and that model goes on eagerly;
+    the time limit's exception goes through (the shape stays to warm)."""
     from celery.exceptions import SoftTimeLimitExceeded
 
-    for unet, (pipe_ref, shapes) in list(_cold.items()):
-        pipe = pipe_ref()
+    for warmth in _compiled.values():
+        pipe = warmth.pipe()
+        if not warmth.pending or warmth.failed or pipe is None:
+            continue
+        shape = warmth.pending[0]
         try:
-            if pipe is not None:
-                warm(pipe, shapes)
+            warm(pipe, *shape)
         except SoftTimeLimitExceeded:
             raise
         except Exception:
-            log.exception("compiling the UNet's shapes failed; the model runs eagerly")
-            _failed.add(unet)
-        _cold.pop(unet, None)
+            log.exception("compiling the UNet at %dx%d x%d failed; the model runs eagerly", *shape)
+            warmth.failed = True
+        else:
+            warmth.warmed.add(shape)
+        warmth.pending.pop(0)
+        return
 
 
-def warm(pipe: Any, shapes: list[tuple[int, int, int]]) -> None:
-    """Compile every configured shape now (two steps each), not in the middle of somebody's job."""
+def warm(pipe: Any, width: int, height: int, batch: int) -> None:
+    """Compile one shape now (two steps), not in the middle of somebody's job."""
     import torch
 
-    for width, height, batch in shapes:
-        started = time.monotonic()
-        with torch.inference_mode():
-            pipe(
-                prompt=[_WARM_PROMPT] * batch,
-                width=width,
-                height=height,
-                num_inference_steps=2,
-                guidance_scale=7.5,
-                output_type="latent",
-            )
-        log.info("compiled shape %dx%d x%d in %.1f s", width, height, batch, time.monotonic() - started)
+    started = time.monotonic()
+    with torch.inference_mode():
+        pipe(
+            prompt=[_WARM_PROMPT] * batch,
+            width=width,
+            height=height,
+            num_inference_steps=2,
+            guidance_scale=7.5,
+            output_type="latent",
+        )
+    log.info("compiled shape %dx%d x%d in %.1f s", width, height, batch, time.monotonic() - started)
 
 
 def configure_vae(pipe: Any, width: int, height: int, tiling_pixels: int) -> None:

@@ -28,7 +28,7 @@ from shared import broker
 from shared.scheduling import batch_key
 from shared.settings import Settings
 from worker import failures, faults, status
-from worker.acceleration import bucket_for, cold_stance, parse_shapes, runs_eager
+from worker.acceleration import bucket_for, compiled_at, parse_shapes, stance
 from worker.generate import StopGeneration, generate_batch
 from worker.inputs import load_inputs
 from worker.preview import Factors, preview_uri
@@ -321,14 +321,15 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
     failures.remember_running(members, settings)
     first = members[0].request
     images = sum(m.images for m in members)
-    pad_to = 0
-    # Padding is for compiled shapes; upscalers are not compiled, and a cold UNet runs eagerly (acceleration.py).
-    if settings.compile and not is_upscaler(pipe) and not runs_eager(pipe):
-        pad_to = bucket_for(images, int(first["width"]), int(first["height"]), parse_shapes(settings.compile_shapes))
+    width, height, pad_to = int(first["width"]), int(first["height"]), 0
+    # Padding is for compiled shapes, and a shape not warmed yet runs eagerly (worker/acceleration.py).
+    if settings.compile and not is_upscaler(pipe):  # upscalers are not compiled
+        bucket = bucket_for(images, width, height, parse_shapes(settings.compile_shapes))
+        pad_to = bucket if compiled_at(pipe, width, height, bucket) else 0
     # Only a call of its own carries a job's input images (run_batch never batches image tasks).
     inputs = load_inputs(first) if len(members) == 1 else None
     started = time.monotonic()
-    with cold_stance(pipe):
+    with stance(pipe, width, height, max(images, pad_to)):
         images_out = generate_batch(
             pipe,
             [m.request for m in members],

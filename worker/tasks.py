@@ -107,7 +107,7 @@ def run_job(job_id: str) -> str:
             following = NextBatch(beside, claim_next, until=stop_claiming_at, stopping=status.stop_requested)
 
             def near_end(following: NextBatch[Job] = following) -> None:
-                if not acceleration.cold():  # else claimed after the warm-up below, not held through it
+                if not acceleration.cold():  # else claimed after the warming below, not held through it
                     following.start()
 
             computed = compute(
@@ -116,14 +116,14 @@ def run_job(job_id: str) -> str:
             if storing is not None:
                 outcomes.update(settle(storing.result()))
             stopping = computed.stopped or status.stop_requested()
-            # A freshly loaded model's first call ran eagerly: its compiled shapes warm once its images are
-            # on their way to storage, and before anything more is claimed.
+            # While a loaded model has compiled shapes to warm, one is warmed after each batch, once its
+            # images are on their way to storage and before anything more is claimed (worker/acceleration.py).
             warming = not stopping and acceleration.cold()
             claimed = [] if stopping or warming else following.take()
             # With nothing to run next, the generating thread's core stores too (worker/store.py).
             storing = storer.submit(store_and_record, computed, settings, spare_here=not claimed and not warming)
             if warming:
-                stopping = not warm_cold()
+                stopping = not warm_next()
                 claimed = [] if stopping else following.take()
             if stopping:
                 # Claimed during the last step of a call that then stopped the loop: never run, so not an attempt.
@@ -134,12 +134,12 @@ def run_job(job_id: str) -> str:
     return summary(outcomes)
 
 
-def warm_cold() -> bool:
-    """Warm the cold compiled shapes; False if the task's time limit came first (the next task goes on)."""
+def warm_next() -> bool:
+    """Warm the next compiled shape; False if the task's time limit came first (the next task goes on)."""
     try:
-        acceleration.warm_cold()
+        acceleration.warm_next()
     except SoftTimeLimitExceeded:
-        log.warning("the task's time limit came while warming compiled shapes")
+        log.warning("the task's time limit came while warming a compiled shape")
         return False
     return True
 

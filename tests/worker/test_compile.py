@@ -1,5 +1,5 @@
-"""A compiled model serves before it is warm (worker/acceleration.py): the first call of a freshly loaded
-model runs eagerly, its configured shapes compile right after, and later calls run the compiled graphs.
+"""A compiled model serves before it is warm (worker/acceleration.py): a call runs compiled only at a shape
+already warmed, and eagerly otherwise; the listed shapes are warmed one at a time between batches.
 
 torch.compile runs for real here (TorchDynamo traces the tiny UNet), with a recording backend in place of
 inductor: it counts what is compiled and what runs compiled, which is what these tests are about, and
@@ -55,39 +55,48 @@ def recorder(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> I
     torch._dynamo.reset()
 
 
-def test_a_fresh_models_first_call_runs_eagerly_and_its_shapes_compile_after(recorder: Recorder) -> None:
+def call(pipe: Any, images: int, width: int = 64, height: int = 48) -> None:
+    with acceleration.stance(pipe, width, height, images), torch.inference_mode():
+        pipe("a lighthouse", width=width, height=height, num_inference_steps=2, num_images_per_prompt=images)
+
+
+def test_a_fresh_model_runs_eagerly_until_each_shape_is_warmed_one_at_a_time(recorder: Recorder) -> None:
     pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
-    assert acceleration.runs_eager(pipe) and acceleration.cold()
-    prompt: dict[str, Any] = {"prompt": "a lighthouse", "width": 64, "height": 48, "num_inference_steps": 2}
-    with acceleration.cold_stance(pipe), torch.inference_mode():
-        pipe(**prompt, output_type="latent")
+    assert acceleration.cold() and not acceleration.compiled_at(pipe, 64, 48, 1)
+    call(pipe, 1)
     assert recorder.events == []  # eager: nothing compiled, nothing ran compiled
 
-    acceleration.warm_cold()
-    assert not acceleration.runs_eager(pipe) and not acceleration.cold()
+    acceleration.warm_next()  # the first listed shape: one image
     compiled = recorder.count("compile")
-    assert compiled >= 2  # at least a graph per shape: 1 and 2 images (2 and 4 UNet rows with guidance)
+    assert compiled > 0 and acceleration.cold()
+    assert acceleration.compiled_at(pipe, 64, 48, 1) and not acceleration.compiled_at(pipe, 64, 48, 2)
+    runs = recorder.count("compiled run")
+    call(pipe, 1)
+    assert recorder.count("compile") == compiled and recorder.count("compiled run") > runs
+    runs = recorder.count("compiled run")
+    call(pipe, 2)  # listed, not warmed yet: eager, not compiled in the call
+    call(pipe, 1, width=48)  # not listed at all: eager
+    assert recorder.count("compile") == compiled and recorder.count("compiled run") == runs
 
-    for images in (1, 2):  # the warmed shapes run compiled, with no new compilation
-        runs = recorder.count("compiled run")
-        with acceleration.cold_stance(pipe), torch.inference_mode():
-            pipe(**prompt, num_images_per_prompt=images, output_type="latent")
-        assert recorder.count("compile") == compiled
-        assert recorder.count("compiled run") > runs
+    acceleration.warm_next()  # two images
+    assert not acceleration.cold() and acceleration.compiled_at(pipe, 64, 48, 2)
+    compiled = recorder.count("compile")
+    call(pipe, 2)
+    assert recorder.count("compile") == compiled and recorder.count("compiled run") > runs
 
 
 def test_a_model_whose_shapes_fail_to_compile_goes_on_eagerly(recorder: Recorder) -> None:
     recorder.broken = True
     pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
-    acceleration.warm_cold()  # logs the failure
-    assert not acceleration.cold() and acceleration.runs_eager(pipe)
+    acceleration.warm_next()  # logs the failure
+    assert not acceleration.cold() and not acceleration.compiled_at(pipe, 64, 48, 1)
     tried = recorder.count("compile")
-    with acceleration.cold_stance(pipe), torch.inference_mode():
-        images = pipe(prompt="a lighthouse", width=64, height=48, num_inference_steps=2).images
-    assert len(images) == 1 and recorder.count("compile") == tried  # served, not compiled again
+    call(pipe, 1)
+    call(pipe, 2)
+    assert recorder.count("compile") == tried  # served eagerly, not compiled again
 
 
-def test_a_fresh_worker_serves_its_first_job_before_compiling_then_runs_compiled(
+def test_a_fresh_worker_serves_each_batch_before_warming_its_next_shape(
     recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
@@ -105,15 +114,28 @@ def test_a_fresh_worker_serves_its_first_job_before_compiling_then_runs_compiled
     first = submit(steps=2)
     assert tasks.run_job(first) == "succeeded"
     assert load(first).status == "succeeded"
-    # The job's call came first, eager and unpadded; then its shapes compiled, in the same task.
-    assert recorder.events[:3] == ["call", "call ended", "compile"]
-    assert recorder.count("compile") >= 2 and calls == [0]
+    # The job's call came first, eager and unpadded; then the first listed shape compiled, in the same task.
+    assert recorder.events[:3] == ["call", "call ended", "compile"] and calls == [0]
 
-    # Two jobs of one image make a call of two, a warmed shape: it runs compiled, compiling nothing new,
-    # through the pipeline built for the first job while the model was cold.
+    # Two jobs of one image: their shape is listed but not warm yet, so they run eagerly, and it warms after.
+    compiled = recorder.count("compile")
+    jobs = [submit(steps=2, seed=2), submit(steps=2, seed=3)]
+    assert tasks.run_job(jobs[0]) == "succeeded"
+    assert calls == [0, 0] and recorder.count("compile") > compiled
+    # Now both shapes are warm: calls are padded to them and run compiled, compiling nothing new, through
+    # the pipeline built for the first job while the model was cold.
     compiled, runs = recorder.count("compile"), recorder.count("compiled run")
-    second, third = submit(steps=2, seed=2), submit(steps=2, seed=3)
-    assert tasks.run_job(second) == "succeeded"
-    assert load(second).status == load(third).status == "succeeded"
-    assert calls == [0, 2]
+    jobs += [submit(steps=2, seed=4), submit(steps=2, seed=5)]
+    assert tasks.run_job(jobs[2]) == "succeeded"
+    assert tasks.run_job(submit(steps=2, seed=6)) == "succeeded"
+    assert calls == [0, 0, 2, 1]
     assert recorder.count("compile") == compiled and recorder.count("compiled run") > runs
+    assert all(load(job_id).status == "succeeded" for job_id in jobs)
+
+
+def test_compile_without_shapes_is_refused(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.settings import Settings
+
+    monkeypatch.setenv("DARKROOM_COMPILE", "1")
+    with pytest.raises(ValueError, match="DARKROOM_COMPILE_SHAPES must list the shapes"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
