@@ -468,7 +468,16 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
             start = time.perf_counter()
             service.wait(client, service.submit(client, 0, size, args.steps), timeout=600)
             first_job_s = time.perf_counter() - start
-        service.burst(batch, size, args.steps)  # a full batch once, so its shape is warm too
+        service.burst(batch, size, args.steps)  # a full batch once, as a burst's calls will be
+        if compiled:  # the worker warms its listed shapes one at a time between batches
+            shapes = len(args.compile_shapes.split(","))
+            worker_log = workdir / arch / "worker.log"
+
+            def warmed() -> bool:  # or given up: a failed compilation leaves the model eager
+                text = worker_log.read_text(errors="replace")
+                return text.count("compiled shape") >= shapes or "the model runs eagerly" in text
+
+            wait_until(warmed, 900, "shapes warmed")
         log(f"{arch}: burst of {jobs} jobs")
         service_rate = service.burst(jobs, size, args.steps)
         log(f"{arch}: idle latency")
