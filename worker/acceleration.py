@@ -35,6 +35,8 @@ log = logging.getLogger("darkroom.worker")
 
 # The prompt used to warm compiled shapes; what it says does not matter, only the tensor shapes do.
 _WARM_PROMPT = "warm-up"
+# Shapes are warmed with guidance, as nearly every job runs (a job without it runs eagerly).
+WARM_GUIDANCE = 7.5
 # torch.compile's options for a UNet. Static shapes: calls are padded to the listed buckets, so each bucket
 # gets kernels specialised to its sizes; by default a second shape would turn the batch dimension symbolic
 # for every bucket.
@@ -43,11 +45,12 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "dynamic": False}
 
 @dataclass
 class Warmth:
-    """A compiled UNet's shapes: those warmed, and those still to warm, with the pipeline to warm them by."""
+    """A compiled UNet's shapes: those still to warm (listed), those warmed (with whether the UNet ran two
+    rows per image for them, as with classifier-free guidance), and the pipeline to warm them by."""
 
     pipe: weakref.ref[Any]
     pending: list[tuple[int, int, int]]
-    warmed: set[tuple[int, int, int]] = field(default_factory=set)
+    warmed: set[tuple[int, int, int, bool]] = field(default_factory=set)
     failed: bool = False  # compiling failed: the UNet runs eagerly for as long as it is loaded
 
 
@@ -102,18 +105,27 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     return pipe
 
 
-def compiled_at(pipe: Any, width: int, height: int, images: int) -> bool:
-    """Whether a call of `images` images at `width`x`height` runs `pipe`'s UNet compiled: at a warmed shape."""
+def uses_cfg(pipe: Any, guidance_scale: float) -> bool:
+    """Whether a call runs classifier-free guidance: two UNet rows per image (not for a guidance-distilled
+    UNet, which takes the scale as an input)."""
+    unet = getattr(pipe, "unet", None)
+    return guidance_scale > 1 and (unet is None or getattr(unet.config, "time_cond_proj_dim", None) is None)
+
+
+def compiled_at(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> bool:
+    """Whether a call of `images` images at `width`x`height` runs `pipe`'s UNet compiled: at a warmed shape,
+    guidance included (without it the UNet takes half the rows, a shape of its own)."""
     unet = getattr(pipe, "unet", None)
     warmth = _compiled.get(unet) if unet is not None else None
-    return warmth is not None and not warmth.failed and (width, height, images) in warmth.warmed
+    shape = (width, height, images, uses_cfg(pipe, guidance_scale))
+    return warmth is not None and not warmth.failed and shape in warmth.warmed
 
 
 @contextlib.contextmanager
-def stance(pipe: Any, width: int, height: int, images: int) -> Iterator[None]:
+def stance(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> Iterator[None]:
     """A compiled UNet runs eagerly in a call at a shape not warmed: the call must not wait for a compilation
     (nor fail in one)."""
-    if getattr(pipe, "unet", None) not in _compiled or compiled_at(pipe, width, height, images):
+    if getattr(pipe, "unet", None) not in _compiled or compiled_at(pipe, width, height, images, guidance_scale):
         yield
         return
     import torch
@@ -124,7 +136,7 @@ def stance(pipe: Any, width: int, height: int, images: int) -> Iterator[None]:
 
 def cold() -> bool:
     """Whether a loaded model has listed shapes still to warm."""
-    return any(w.pending and not w.failed for w in _compiled.values())
+    return any(w.pending and not w.failed and w.pipe() is not None for w in _compiled.values())
 
 
 def warm_next() -> None:
@@ -145,7 +157,7 @@ def warm_next() -> None:
             log.exception("compiling the UNet at %dx%d x%d failed; the model runs eagerly", *shape)
             warmth.failed = True
         else:
-            warmth.warmed.add(shape)
+            warmth.warmed.add((*shape, uses_cfg(pipe, WARM_GUIDANCE)))
         warmth.pending.pop(0)
         return
 
@@ -161,7 +173,7 @@ def warm(pipe: Any, width: int, height: int, batch: int) -> None:
             width=width,
             height=height,
             num_inference_steps=2,
-            guidance_scale=7.5,
+            guidance_scale=WARM_GUIDANCE,
             output_type="latent",
         )
     log.info("compiled shape %dx%d x%d in %.1f s", width, height, batch, time.monotonic() - started)

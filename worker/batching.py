@@ -321,15 +321,15 @@ def _call(pipe: Any, members: list[Member], hook: StepHook, settings: Settings) 
     failures.remember_running(members, settings)
     first = members[0].request
     images = sum(m.images for m in members)
-    width, height, pad_to = int(first["width"]), int(first["height"]), 0
+    width, height, guidance, pad_to = int(first["width"]), int(first["height"]), float(first["guidance_scale"]), 0
     # Padding is for compiled shapes, and a shape not warmed yet runs eagerly (worker/acceleration.py).
     if settings.compile and not is_upscaler(pipe):  # upscalers are not compiled
         bucket = bucket_for(images, width, height, parse_shapes(settings.compile_shapes))
-        pad_to = bucket if compiled_at(pipe, width, height, bucket) else 0
+        pad_to = bucket if compiled_at(pipe, width, height, bucket, guidance) else 0
     # Only a call of its own carries a job's input images (run_batch never batches image tasks).
     inputs = load_inputs(first) if len(members) == 1 else None
     started = time.monotonic()
-    with stance(pipe, width, height, max(images, pad_to)):
+    with stance(pipe, width, height, max(images, pad_to), guidance):
         images_out = generate_batch(
             pipe,
             [m.request for m in members],

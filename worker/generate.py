@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.acceleration import configure_vae
+from worker.acceleration import configure_vae, uses_cfg
 from worker.inputs import effective_steps, pipe_kwargs_for
 from worker.preview import Factors, factors_for
 from worker.upscale import fit, is_upscaler
@@ -28,11 +28,6 @@ def generators(seed: int, count: int) -> list[torch.Generator]:
     # One CPU generator per image: image i is reproducible from seed + i alone, on any device and
     # whatever else shares its batch.
     return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
-
-
-def uses_cfg(pipe: Any, guidance_scale: float) -> bool:
-    unet = getattr(pipe, "unet", None)
-    return guidance_scale > 1 and (unet is None or getattr(unet.config, "time_cond_proj_dim", None) is None)
 
 
 def text_inputs(pipe: Any, prompts: list[str], negatives: list[str], cfg: bool) -> dict[str, Any]:

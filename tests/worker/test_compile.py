@@ -55,31 +55,39 @@ def recorder(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> I
     torch._dynamo.reset()
 
 
-def call(pipe: Any, images: int, width: int = 64, height: int = 48) -> None:
-    with acceleration.stance(pipe, width, height, images), torch.inference_mode():
-        pipe("a lighthouse", width=width, height=height, num_inference_steps=2, num_images_per_prompt=images)
+def call(pipe: Any, images: int, width: int = 64, height: int = 48, guidance: float = 7.5) -> None:
+    with acceleration.stance(pipe, width, height, images, guidance), torch.inference_mode():
+        pipe(
+            "a lighthouse",
+            width=width,
+            height=height,
+            num_inference_steps=2,
+            num_images_per_prompt=images,
+            guidance_scale=guidance,
+        )
 
 
 def test_a_fresh_model_runs_eagerly_until_each_shape_is_warmed_one_at_a_time(recorder: Recorder) -> None:
     pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
-    assert acceleration.cold() and not acceleration.compiled_at(pipe, 64, 48, 1)
+    assert acceleration.cold() and not acceleration.compiled_at(pipe, 64, 48, 1, 7.5)
     call(pipe, 1)
     assert recorder.events == []  # eager: nothing compiled, nothing ran compiled
 
     acceleration.warm_next()  # the first listed shape: one image
     compiled = recorder.count("compile")
     assert compiled > 0 and acceleration.cold()
-    assert acceleration.compiled_at(pipe, 64, 48, 1) and not acceleration.compiled_at(pipe, 64, 48, 2)
+    assert acceleration.compiled_at(pipe, 64, 48, 1, 7.5) and not acceleration.compiled_at(pipe, 64, 48, 2, 7.5)
     runs = recorder.count("compiled run")
     call(pipe, 1)
     assert recorder.count("compile") == compiled and recorder.count("compiled run") > runs
     runs = recorder.count("compiled run")
     call(pipe, 2)  # listed, not warmed yet: eager, not compiled in the call
     call(pipe, 1, width=48)  # not listed at all: eager
+    call(pipe, 1, guidance=1.0)  # listed, but without guidance the UNet takes half the rows: eager
     assert recorder.count("compile") == compiled and recorder.count("compiled run") == runs
 
     acceleration.warm_next()  # two images
-    assert not acceleration.cold() and acceleration.compiled_at(pipe, 64, 48, 2)
+    assert not acceleration.cold() and acceleration.compiled_at(pipe, 64, 48, 2, 7.5)
     compiled = recorder.count("compile")
     call(pipe, 2)
     assert recorder.count("compile") == compiled and recorder.count("compiled run") > runs
@@ -89,7 +97,7 @@ def test_a_model_whose_shapes_fail_to_compile_goes_on_eagerly(recorder: Recorder
     recorder.broken = True
     pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
     acceleration.warm_next()  # logs the failure
-    assert not acceleration.cold() and not acceleration.compiled_at(pipe, 64, 48, 1)
+    assert not acceleration.cold() and not acceleration.compiled_at(pipe, 64, 48, 1, 7.5)
     tried = recorder.count("compile")
     call(pipe, 1)
     call(pipe, 2)
