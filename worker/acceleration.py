@@ -45,16 +45,16 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "dynamic": False}
 
 @dataclass
 class Warmth:
-    """A compiled UNet's shapes: those still to warm (listed), those warmed (with whether the UNet ran two
-    rows per image for them, as with classifier-free guidance), and the pipeline to warm them by."""
+    """A model's compiled UNet and its shapes: those still to warm (listed), and those warmed (with whether the
+    UNet ran two rows per image for them, as with classifier-free guidance)."""
 
-    pipe: weakref.ref[Any]
+    compiled: Any  # torch.compile's wrapper of the pipeline's own UNet, which stays in the pipeline
     pending: list[tuple[int, int, int]]
     warmed: set[tuple[int, int, int, bool]] = field(default_factory=set)
     failed: bool = False  # compiling failed: the UNet runs eagerly for as long as it is loaded
 
 
-# Compiled UNets, keyed by the module, which every pipeline built over the loaded one shares (variants.py).
+# By loaded pipeline: the entry goes with it when the cache evicts it (the wrapper holds its UNet).
 _compiled: weakref.WeakKeyDictionary[Any, Warmth] = weakref.WeakKeyDictionary()
 
 
@@ -98,10 +98,12 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
             if module is not None:
                 module.to(memory_format=torch.channels_last)
     # Compiled shapes are text-to-image shapes; an upscaler's follow its input images, so it runs eagerly.
+    # The pipeline keeps its own UNet: diffusers loads LoRAs into it (a compiled wrapper has no adapters to
+    # set), and every pipeline built over this one shares it (worker/variants.py). Calls at a warmed shape
+    # swap the wrapper in (`stance`).
     if settings.compile and getattr(pipe, "unet", None) is not None and not is_upscaler(pipe):
         configure_compile_cache(settings)
-        pipe.unet = torch.compile(pipe.unet, **COMPILE_OPTIONS)
-        _compiled[pipe.unet] = Warmth(weakref.ref(pipe), parse_shapes(settings.compile_shapes))
+        _compiled[pipe] = Warmth(torch.compile(pipe.unet, **COMPILE_OPTIONS), parse_shapes(settings.compile_shapes))
     return pipe
 
 
@@ -112,31 +114,46 @@ def uses_cfg(pipe: Any, guidance_scale: float) -> bool:
     return guidance_scale > 1 and (unet is None or getattr(unet.config, "time_cond_proj_dim", None) is None)
 
 
+def _warmth(pipe: Any) -> Warmth | None:
+    """The compiled UNet of `pipe`, a loaded pipeline or one built over it, if it is compiled and can run so."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or getattr(unet, "peft_config", None):
+        return None  # with LoRAs loaded, the UNet is no longer the module the wrapper traced
+    return next((w for w in _compiled.values() if w.compiled._orig_mod is unet and not w.failed), None)
+
+
 def compiled_at(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> bool:
     """Whether a call of `images` images at `width`x`height` runs `pipe`'s UNet compiled: at a warmed shape,
     guidance included (without it the UNet takes half the rows, a shape of its own)."""
-    unet = getattr(pipe, "unet", None)
-    warmth = _compiled.get(unet) if unet is not None else None
-    shape = (width, height, images, uses_cfg(pipe, guidance_scale))
-    return warmth is not None and not warmth.failed and shape in warmth.warmed
+    warmth = _warmth(pipe)
+    return warmth is not None and (width, height, images, uses_cfg(pipe, guidance_scale)) in warmth.warmed
 
 
 @contextlib.contextmanager
 def stance(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> Iterator[None]:
-    """A compiled UNet runs eagerly in a call at a shape not warmed: the call must not wait for a compilation
-    (nor fail in one)."""
-    if getattr(pipe, "unet", None) not in _compiled or compiled_at(pipe, width, height, images, guidance_scale):
+    """The compiled UNet in a call at a warmed shape; the pipeline's own, eager, in any other: a call must
+    not wait for a compilation (nor fail in one)."""
+    warmth = _warmth(pipe)
+    if warmth is None or not compiled_at(pipe, width, height, images, guidance_scale):
         yield
         return
-    import torch
-
-    with torch.compiler.set_stance("force_eager"):
+    with _swapped(pipe, warmth.compiled):
         yield
+
+
+@contextlib.contextmanager
+def _swapped(pipe: Any, unet: Any) -> Iterator[None]:
+    own = pipe.unet
+    pipe.unet = unet
+    try:
+        yield
+    finally:
+        pipe.unet = own
 
 
 def cold() -> bool:
     """Whether a loaded model has listed shapes still to warm."""
-    return any(w.pending and not w.failed and w.pipe() is not None for w in _compiled.values())
+    return any(w.pending for pipe, w in _compiled.items() if _warmth(pipe) is w)
 
 
 def warm_next() -> None:
@@ -144,13 +161,13 @@ def warm_next() -> None:
     the time limit's exception goes through (the shape stays to warm)."""
     from celery.exceptions import SoftTimeLimitExceeded
 
-    for warmth in _compiled.values():
-        pipe = warmth.pipe()
-        if not warmth.pending or warmth.failed or pipe is None:
+    for pipe, warmth in list(_compiled.items()):
+        if not warmth.pending or _warmth(pipe) is not warmth:
             continue
         shape = warmth.pending[0]
         try:
-            warm(pipe, *shape)
+            with _swapped(pipe, warmth.compiled):
+                warm(pipe, *shape)
         except SoftTimeLimitExceeded:
             raise
         except Exception:

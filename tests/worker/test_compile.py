@@ -141,6 +141,22 @@ def test_a_fresh_worker_serves_each_batch_before_warming_its_next_shape(
     assert all(load(job_id).status == "succeeded" for job_id in jobs)
 
 
+def test_a_model_with_loras_loaded_runs_eagerly(recorder: Recorder) -> None:
+    # diffusers loads a LoRA into the pipeline's own UNet (which it keeps: a compiled wrapper would take no
+    # adapters), and the graphs traced before it no longer fit the module: from then on, eagerly.
+    from worker.variants import prepare_pipeline
+
+    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    acceleration.warm_next()
+    assert acceleration.compiled_at(pipe, 64, 48, 1, 7.5)
+    with_lora = prepare_pipeline(pipe, {"task": "txt2img", "loras": [{"name": "tiny-lora", "scale": 1.0}]})
+    events = len(recorder.events)
+    call(with_lora, 1)
+    call(pipe, 1)
+    assert recorder.events[events:] == []  # neither compiled nor run compiled
+    assert not acceleration.compiled_at(pipe, 64, 48, 1, 7.5) and not acceleration.cold()
+
+
 def test_compile_without_shapes_is_refused(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from shared.settings import Settings
 
