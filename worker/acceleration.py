@@ -122,19 +122,26 @@ def _warmth(pipe: Any) -> Warmth | None:
     return next((w for w in _compiled.values() if w.compiled._orig_mod is unet and not w.failed), None)
 
 
-def compiled_at(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> bool:
-    """Whether a call of `images` images at `width`x`height` runs `pipe`'s UNet compiled: at a warmed shape,
-    guidance included (without it the UNet takes half the rows, a shape of its own)."""
+def _warm_at(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> Warmth | None:
+    """`pipe`'s compiled UNet if it is warm for a call of `images` images at `width`x`height`, guidance
+    included (without it the UNet takes half the rows, a shape of its own)."""
     warmth = _warmth(pipe)
-    return warmth is not None and (width, height, images, uses_cfg(pipe, guidance_scale)) in warmth.warmed
+    if warmth is None or (width, height, images, uses_cfg(pipe, guidance_scale)) not in warmth.warmed:
+        return None
+    return warmth
+
+
+def compiled_at(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> bool:
+    """Whether such a call runs `pipe`'s UNet compiled: at a warmed shape (see `_warm_at`)."""
+    return _warm_at(pipe, width, height, images, guidance_scale) is not None
 
 
 @contextlib.contextmanager
 def stance(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> Iterator[None]:
     """The compiled UNet in a call at a warmed shape; the pipeline's own, eager, in any other: a call must
     not wait for a compilation (nor fail in one)."""
-    warmth = _warmth(pipe)
-    if warmth is None or not compiled_at(pipe, width, height, images, guidance_scale):
+    warmth = _warm_at(pipe, width, height, images, guidance_scale)
+    if warmth is None:
         yield
         return
     with _swapped(pipe, warmth.compiled):
