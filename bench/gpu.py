@@ -470,7 +470,9 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
             first_job_s = time.perf_counter() - start
         service.burst(batch, size, args.steps)  # a full batch once, as a burst's calls will be
         if compiled:  # the worker warms its listed shapes one at a time between batches
-            shapes = len(args.compile_shapes.split(","))
+            from worker.acceleration import parse_shapes
+
+            shapes = len(parse_shapes(args.compile_shapes))
             worker_log = workdir / arch / "worker.log"
 
             def warmed() -> bool:  # or given up: a failed compilation leaves the model eager
