@@ -6,7 +6,8 @@ generated pictures are, so that PNG compression works as hard as it does on real
 
     python -m bench.encode [--sizes 64,512] [--images 20]
 
-Prints ms per image by stage; the last line is one JSON object with `encode_ms_<size>` for each size.
+Prints ms per image by stage, with Pillow's PNG writer beside darkroom's (worker/png.py) for scale; the last
+line is one JSON object with `encode_ms_<size>` and `png_bytes_vs_pillow_<size>` for each size.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from shared.settings import get_settings
 from worker.outputs import encode_output
+from worker.png import encode_png
 from worker.watermark import embed_watermark, watermark_bits_matching
 
+# For scale: Pillow's writer at the level darkroom used before worker/png.py (ComfyUI's default too).
+PILLOW_LEVEL = 4
 REQUEST = {"prompt": "a lighthouse at dusk", "steps": 30, "guidance_scale": 7.0, "model": "sd15"}
 
 
@@ -48,9 +51,9 @@ def per_image_ms(work: Callable[[Image.Image], object], images: list[Image.Image
     return statistics.median(times)
 
 
-def png(image: Image.Image, level: int) -> bytes:
+def pillow_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=level)
+    image.save(buffer, format="PNG", compress_level=PILLOW_LEVEL)
     return buffer.getvalue()
 
 
@@ -59,25 +62,24 @@ def main() -> None:
     parser.add_argument("--sizes", default="64,512", help="square image sizes, comma-separated")
     parser.add_argument("--images", type=int, default=20, help="images per size (default 20)")
     args = parser.parse_args()
-    # The level the workers here would use (DARKROOM_PNG_COMPRESS_LEVEL), for the whole output and its PNG stage.
-    level = get_settings().png_compress_level
     table = Table(title="output encoding, ms per image (median), one core")
-    for column in ("size", "whole output", "watermark embed", "watermark read", f"PNG (level {level})"):
+    columns = ("size", "output", "mark", "mark read", "PNG", f"Pillow PNG {PILLOW_LEVEL}", "PNG bytes/Pillow's")
+    for column in columns:
         table.add_column(column, justify="right")
     figures = {}
     for size in (int(s) for s in args.sizes.split(",")):
         images = [picture(size, seed) for seed in range(args.images)]
-        whole = per_image_ms(
-            lambda im: encode_output(im, REQUEST, job_id="j", seed=1, sampler="Euler", png_level=level), images
-        )
         row = [
-            whole,
+            per_image_ms(lambda im: encode_output(im, REQUEST, job_id="j", seed=1, sampler="Euler"), images),
             per_image_ms(embed_watermark, images),
             per_image_ms(watermark_bits_matching, images),
-            per_image_ms(lambda im: png(im, level), images),
+            per_image_ms(lambda im: encode_png(im, {}), images),
+            per_image_ms(pillow_png, images),
         ]
-        table.add_row(f"{size}x{size}", *(f"{ms:.1f}" for ms in row))
-        figures[f"encode_ms_{size}"] = round(whole, 2)
+        ratio = sum(len(encode_png(im, {})) for im in images) / sum(len(pillow_png(im)) for im in images)
+        table.add_row(f"{size}x{size}", *(f"{ms:.1f}" for ms in row), f"{ratio:.3f}")
+        figures[f"encode_ms_{size}"] = round(row[0], 2)
+        figures[f"png_bytes_vs_pillow_{size}"] = round(ratio, 3)
     Console().print(table)
     print(json.dumps(figures))
 

@@ -121,13 +121,6 @@ class Settings(BaseSettings):
         description="Processes beside a worker's pipeline that watermark, encode, upload and record its images;"
         " -1: one per core but one, at most 4; 0: all of it in the worker process itself.",
     )
-    png_compress_level: int = Field(
-        4,
-        ge=0,
-        le=9,
-        description="zlib level of PNG outputs: 9 smallest, 1 fastest. zlib's usual 6 took about 1.5 times the CPU"
-        " of 4 on a 512x512 image, for about 6% fewer bytes.",
-    )
     compile: bool = Field(False, description="torch.compile the UNet (mode reduce-overhead: CUDA graphs on a GPU).")
     compile_shapes: str = Field(
         "",

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
+from worker.png import encode_png
 from worker.watermark import MATCH_THRESHOLD, embed_watermark, has_watermark
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -68,27 +68,22 @@ def read_user_comment(raw: bytes) -> str:
     return raw[8:].decode("utf-8", errors="replace")
 
 
-def encode_output(
-    image: Image.Image, request: dict[str, Any], *, job_id: str, seed: int, sampler: str, png_level: int = 4
-) -> Encoded:
+def encode_output(image: Image.Image, request: dict[str, Any], *, job_id: str, seed: int, sampler: str) -> Encoded:
     fmt = request.get("output_format", "png")
     parameters = parameters_text(request, seed=seed, sampler=sampler, width=image.width, height=image.height)
     provenance = provenance_text(request, job_id)
     image, matching = embed_watermark(image)
-    buffer = io.BytesIO()
     if fmt == "png":
-        info = PngInfo()
-        info.add_text("parameters", parameters)
-        info.add_text("provenance", provenance)
-        image.save(buffer, format="PNG", pnginfo=info, compress_level=png_level)
+        data = encode_png(image, {"parameters": parameters, "provenance": provenance})
     else:
+        buffer = io.BytesIO()
         exif = Image.Exif()
         exif[SOFTWARE] = "darkroom"
         exif[IMAGE_DESCRIPTION] = provenance
         exif.get_ifd(EXIF_IFD)[USER_COMMENT] = user_comment(parameters)
         quality = int(request.get("quality") or 90)
         image.save(buffer, format=fmt.upper(), quality=quality, exif=exif.tobytes())
-    data = buffer.getvalue()
+        data = buffer.getvalue()
     # What clients get must read back: PNG stores exactly the pixels just checked; a lossy format may erase
     # the mark of a small image, so its bytes are read again.
     lossless = fmt == "png"

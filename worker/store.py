@@ -135,13 +135,12 @@ def store_image(
     index: int,
     nsfw: bool,
     sampler: str,
-    png_level: int,
     upload_by: float,
 ) -> dict[str, Any]:
     """Encode image `index` of a job and upload it, retried through a storage outage (StorageUnavailable after
     `upload_by`, a time.time()); its `outputs` record. Image i of a job is seeded `seed + i`."""
     seed = int(request["seed"]) + index
-    encoded = encode_output(image, request, job_id=job_id, seed=seed, sampler=sampler, png_level=png_level)
+    encoded = encode_output(image, request, job_id=job_id, seed=seed, sampler=sampler)
     key = output_key(job_id, index, encoded.extension)
     seconds = max(0.0, upload_by - time.time())
     put_with_retry(get_storage(), key, encoded.data, encoded.content_type, seconds=seconds)
@@ -257,7 +256,7 @@ def _options() -> dict[str, Any]:
     # One retry budget for the whole batch, not one per image: once storage has been away that long, the
     # images still waiting for an encoder try once and give up, rather than each waiting out a budget of
     # its own behind the others.
-    return {"png_level": settings.png_compress_level, "upload_by": time.time() + settings.storage_retry_seconds}
+    return {"upload_by": time.time() + settings.storage_retry_seconds}
 
 
 def _store_chunk(

@@ -332,16 +332,6 @@ def test_an_image_too_small_for_every_bit_is_left_unmarked_and_says_so() -> None
     assert encode_output(picture(64, 48), request, job_id="j", seed=1, sampler="Euler").watermarked is True
 
 
-def test_the_png_level_trades_bytes_for_cpu_and_never_pixels() -> None:
-    from worker.outputs import encode_output
-
-    request = {"prompt": "p", "steps": 1, "guidance_scale": 7.0, "model": "tiny-sd"}
-    scene = picture(8, 8).resize((256, 256), Image.BICUBIC)
-    fast, small = (encode_output(scene, request, job_id="j", seed=1, sampler="Euler", png_level=n) for n in (1, 9))
-    assert len(small.data) < len(fast.data) and fast.watermarked and small.watermarked
-    np.testing.assert_array_equal(pixels(Image.open(io.BytesIO(fast.data))), pixels(Image.open(io.BytesIO(small.data))))
-
-
 class FlagEverything(torch.nn.Module):
     """A deterministic stand-in for StableDiffusionSafetyChecker with its call signature: flags every image."""
 
