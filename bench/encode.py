@@ -6,7 +6,7 @@ generated pictures are, so that PNG compression works as hard as it does on real
 
     python -m bench.encode [--sizes 64,512] [--images 20]
 
-Prints ms per image by stage, with Pillow's PNG writer beside darkroom's (worker/png.py) for scale; the last
+Prints ms per image by stage, with Pillow's PNG writer beside darkroom's (shared/png.py) for scale; the last
 line is one JSON object with `encode_ms_<size>` and `png_bytes_vs_pillow_<size>` for each size.
 """
 
@@ -24,11 +24,11 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from shared.png import encode_png
 from worker.outputs import encode_output
-from worker.png import encode_png
 from worker.watermark import embed_watermark, watermark_bits_matching
 
-# For scale: Pillow's writer at the level darkroom used before worker/png.py (ComfyUI's default too).
+# For scale: Pillow's writer at the level darkroom used before shared/png.py (ComfyUI's default too).
 PILLOW_LEVEL = 4
 REQUEST = {"prompt": "a lighthouse at dusk", "steps": 30, "guidance_scale": 7.0, "model": "sd15"}
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from worker.png import encode_png
+from shared.png import encode_png
 from worker.watermark import MATCH_THRESHOLD, embed_watermark, has_watermark
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

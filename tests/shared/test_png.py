@@ -1,4 +1,4 @@
-"""darkroom's own PNG writer (worker/png.py): what browsers, Pillow and libpng read from it."""
+"""darkroom's own PNG writer (shared/png.py): what browsers, Pillow and libpng read from it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared.png import encode_png
 from worker.outputs import encode_output, read_parameters
-from worker.png import encode_png
 
 SHAPES = [(1, 1), (3, 5), (37, 53), (64, 48), (300, 200)]
 
