@@ -10,18 +10,9 @@ from pathlib import Path
 
 
 def _api(args: argparse.Namespace) -> None:
-    import uvicorn
+    from cli.serve import serve
 
-    uvicorn.run(
-        "api.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        # None: uvicorn's loggers go through the root handler, so its lines are JSON like ours.
-        log_config=None,
-    )
+    serve(args.host, args.port, args.workers, args.log_level)
 
 
 def _worker(args: argparse.Namespace) -> None:
