@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.db import session_scope
 from shared.errors import InvalidRequest
 from shared.fetch import FetchPolicy, fetch_image
-from shared.images import decode_image, encode_png, parse_data_uri
+from shared.images import decode_image, parse_data_uri
 from shared.outpaint import extend_canvas, outpaint_mask
+from shared.png import encode_png
 from shared.registry import ModelSpec, Registry
 from shared.settings import get_settings
 from shared.storage import Storage, input_key

@@ -13,7 +13,6 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shared import png
 from shared.errors import InvalidRequest
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -61,9 +60,3 @@ def decode_image(data: bytes, field: str, *, max_pixels: int, mode: str = "RGB")
     if mode == "L":
         return image.convert("RGBA").convert("L") if image.mode in ("P", "LA", "PA") else image.convert("L")
     return image.convert(mode)
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """An input image as the PNG the worker reads back (shared/png.py: a fifth of Pillow's CPU, which the
-    API would spend on every image-to-image submit)."""
-    return png.encode_png(image, {})

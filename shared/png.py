@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image
@@ -30,8 +31,9 @@ PAETH = 4
 IDAT_BYTES = 1 << 20
 
 
-def encode_png(image: Image.Image, text: dict[str, str]) -> bytes:
+def encode_png(image: Image.Image, text: Mapping[str, str] | None = None) -> bytes:
     """`image` as a PNG file with `text` as its text chunks (read back into `Image.info`)."""
+    text = text or {}
     if image.mode not in COLOR_TYPES:
         return _pillow_png(image, text)
     channels = len(image.mode)
@@ -88,7 +90,7 @@ def _text_chunk(key: str, value: str) -> bytes:
         return _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
 
 
-def _pillow_png(image: Image.Image, text: dict[str, str]) -> bytes:
+def _pillow_png(image: Image.Image, text: Mapping[str, str]) -> bytes:
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)

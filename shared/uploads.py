@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidRequest
-from shared.images import encode_png
+from shared.png import encode_png
 from shared.storage import Storage
 from shared.tables import Upload, new_id, utcnow
 
