@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +41,7 @@ def base_install(name: str = "darkroom") -> set[str]:
     wanted, seen = [name], set()
     while wanted:
         dist = wanted.pop()
-        key = dist.lower().replace("_", "-")
+        key = canonicalize_name(dist)
         if key in seen:
             continue
         seen.add(key)
@@ -77,7 +78,7 @@ def test_the_api_runs_on_its_base_install_alone(tmp_path: Path) -> None:
     absent = sorted(
         module
         for module, dists in metadata.packages_distributions().items()
-        if not any(dist.lower().replace("_", "-") in installed for dist in dists)
+        if not any(canonicalize_name(dist) in installed for dist in dists)
     )
     assert "torch" in absent and "diffusers" in absent  # what the API must do without
     env = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")}
