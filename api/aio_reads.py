@@ -32,9 +32,11 @@ import psycopg
 import redis.asyncio as aioredis
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
+from shared import enqueue
 from shared.errors import NotFound
 from shared.job_view import place_commands, places_from
 from shared.settings import get_settings
@@ -127,6 +129,7 @@ class _Clients:
     tenants: _Batcher[str, str | None]
     finds: _Batcher[tuple[str, str], Any]
     places: _Batcher[Any, tuple[int, float | None]]
+    enqueue: AsyncScript  # shared.enqueue's script, sent by its digest once Redis has it
 
 
 # One pool and one Redis client per event loop: asyncio connections belong to the loop that opened them
@@ -162,7 +165,12 @@ async def _get_clients() -> _Clients:
             await redis.aclose()  # type: ignore[attr-defined]
             return made
         clients = _clients[loop] = _Clients(
-            pool, redis, _Batcher(_tenants_of), _Batcher(_rows_of), _Batcher(_places_of)
+            pool,
+            redis,
+            _Batcher(_tenants_of),
+            _Batcher(_rows_of),
+            _Batcher(_places_of),
+            redis.register_script(enqueue.SCRIPT),
         )
     return clients
 

@@ -10,9 +10,9 @@ A group that fails for a reason of one of its jobs is not the others' problem: i
 one by one. A database that is down fails them all (503), as it would have one by one.
 
 On PostgreSQL the group commits on the event loop, through the asyncio clients of api.aio_reads: one
-multi-row INSERT (a statement is its own transaction), then one Redis pipeline carrying every job's run
-message, stream event and position, and the reads of its place in line. A worker thread and SQLAlchemy's
-unit of work cost more than the statement itself there. SQLite keeps the thread.
+multi-row INSERT (a statement is its own transaction), then one Redis script (shared.enqueue) that sends
+every job's run message, stream event and position and answers their places in line. A worker thread and
+SQLAlchemy's unit of work cost more than the statement itself there. SQLite keeps the thread.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from api import aio_reads
 from api.deps import invalid_key
 from api.schemas import JobRead
-from shared import broker, events, jobs
+from shared import broker, enqueue, jobs
 from shared.db import read_scope, session_scope
 from shared.job_view import Place, eta_from, job_view, place_commands, place_of, places_from, running_in
 from shared.tables import ApiKey, Job
@@ -219,17 +219,13 @@ async def _one_by_one(new: list[Job], key_hashes: list[str | None]) -> list[JobR
 
 
 async def _publish_and_place(new: list[Job]) -> list[Place]:
-    """After the commit, in one Redis round trip: each job's stream event, place in the position set and run
-    message (as `jobs.create_job` and `jobs.publish_after_commit` send them), then each one's place in line.
+    """After the commit, in one Redis script call (shared.enqueue): each job's stream event, place in the
+    position set and run message (as `jobs.create_job` and `jobs.publish_after_commit` send them), then each
+    one's place in line.
     If Redis fails here the jobs are still durable: the reconciler publishes them once it is back."""
     try:
-        pipe = (await aio_reads.clients()).redis.pipeline(transaction=False)
-        for job in new:
-            events.created_in(pipe, job)
-            broker.publish_in(pipe, job.id, job.queue)
-        for job in new:
-            place_commands(pipe, job)
-        answers = await pipe.execute()
+        keys, args = enqueue.arguments(new)
+        answers = await (await aio_reads.clients()).enqueue(keys=keys, args=args)
     except (redis.RedisError, OSError) as exc:
         log.warning("post-commit publish of %d jobs failed: %s", len(new), type(exc).__name__)
         answers = [-1, None] * len(new)

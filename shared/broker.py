@@ -85,8 +85,18 @@ def publish_in(pipe: Any, job_id: str, queue: str) -> None:
     """`publish_job` as commands in the caller's pipeline (sync or asyncio): the message, and the marker that
     it was sent."""
     settings = get_settings()
-    pipe.lpush(f"{settings.redis_prefix}{queue}", run_message(job_id, queue, settings))
-    pipe.set(_key("published", job_id), 1, ex=PUBLISHED_MARKER_TTL)
+    pipe.lpush(queue_key(queue, settings), run_message(job_id, queue, settings))
+    pipe.set(published_key(job_id), 1, ex=PUBLISHED_MARKER_TTL)
+
+
+def queue_key(queue: str, settings: Settings) -> str:
+    """The Redis list kombu's Redis transport keeps `queue` in."""
+    return f"{settings.redis_prefix}{queue}"
+
+
+def published_key(job_id: str) -> str:
+    """Set once the job's run message was sent: the reconciler republishes a queued job without it."""
+    return _key("published", job_id)
 
 
 _ORIGIN = f"darkroom@{socket.gethostname()}"
@@ -142,7 +152,7 @@ def run_message(job_id: str, queue: str, settings: Settings) -> bytes:
 def is_published(job_ids: list[str]) -> list[bool]:
     if not job_ids:
         return []
-    values = get_redis().mget([_key("published", j) for j in job_ids])
+    values = get_redis().mget([published_key(j) for j in job_ids])
     return [v is not None for v in values]
 
 
@@ -161,7 +171,7 @@ def cancel_requested(job_id: str) -> bool:
 
 def queue_length(queue: str) -> int:
     """Messages waiting in a queue's Redis list (what Celery has not handed to a worker yet)."""
-    return int(get_redis().llen(f"{get_settings().redis_prefix}{queue}"))
+    return int(get_redis().llen(queue_key(queue, get_settings())))
 
 
 def cancels_requested(job_ids: list[str]) -> list[bool]:

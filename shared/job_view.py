@@ -54,7 +54,7 @@ def place_commands(pipe: Any, job: Job) -> None:
     taken before this one (from the queue's position set, shared.positions; -1 where the set cannot tell)
     and its model's average run time."""
     positions.ahead_in(pipe, job.queue, job.id, positions.score(job.priority, job.created_at))
-    pipe.get(_eta_key(job.model))
+    pipe.get(eta_key(job.model))
 
 
 def place_from(answers: list[Any]) -> tuple[int, float | None]:
@@ -95,7 +95,7 @@ def running_in(session: Session, queue: str) -> int:
     )
 
 
-def _eta_key(model: str) -> str:
+def eta_key(model: str) -> str:
     return f"{get_settings().redis_prefix}eta:{model}"
 
 
@@ -108,7 +108,7 @@ def record_run_seconds_many(runs: list[tuple[str, float]]) -> None:
     """`record_run_seconds` for (model, seconds) runs in order, e.g. a batch's: one read, one write."""
     models = list(dict.fromkeys(model for model, _ in runs))
     client = broker.get_redis()
-    stored = client.mget([_eta_key(m) for m in models])
+    stored = client.mget([eta_key(m) for m in models])
     averages: dict[str, float | None] = {
         m: float(v) if v is not None else None for m, v in zip(models, stored, strict=True)
     }
@@ -117,7 +117,7 @@ def record_run_seconds_many(runs: list[tuple[str, float]]) -> None:
         averages[model] = seconds if previous is None else ETA_WEIGHT * seconds + (1 - ETA_WEIGHT) * previous
     pipe = client.pipeline(transaction=False)
     for model, average in averages.items():
-        pipe.set(_eta_key(model), f"{average:.3f}", ex=7 * 24 * 3600)
+        pipe.set(eta_key(model), f"{average:.3f}", ex=7 * 24 * 3600)
     pipe.execute()
 
 

@@ -24,15 +24,25 @@ from shared.settings import get_settings
 _EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 _BAND = 10**15
 
-# Jobs ahead of (score, id): lower scores, then equal scores with a smaller id. -1 when the set is missing.
-_AHEAD = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[1])
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
-  if member < ARGV[2] then ahead = ahead + 1 end
+# Lua, for the scripts that count: the jobs of the set `key` ahead of (score, id), lower scores, then equal
+# scores with a smaller id.
+AHEAD_OF = """
+local function ahead_of(key, score, id)
+  local ahead = redis.call('ZCOUNT', key, '-inf', '(' .. score)
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', key, score, score)) do
+    if member < id then ahead = ahead + 1 end
+  end
+  return ahead
 end
-return ahead
 """
+# -1 when the set is missing.
+_AHEAD = (
+    AHEAD_OF
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return ahead_of(KEYS[1], ARGV[1], ARGV[2])
+"""
+)
 
 
 def key(queue: str) -> str:

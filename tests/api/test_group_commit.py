@@ -15,9 +15,11 @@ from sqlalchemy.exc import IntegrityError
 from api import aio_reads, group_commit
 from api.routes.jobs import job_fields, prepare_job
 from api.schemas import JobCreate, JobRead
-from shared import broker, events, jobs
+from shared import broker, events, jobs, limits
 from shared.db import session_scope
 from shared.errors import Unauthorized
+from shared.job_view import place_of, record_run_seconds
+from shared.settings import get_settings
 from shared.tables import Job, new_id
 from shared.tenants import create_key, get_or_create_tenant, hash_key, revoke_key
 from tests.api.test_jobs import queued_messages
@@ -64,6 +66,15 @@ def commit_together(
     return asyncio.run(submit_all()), groups
 
 
+def settings_model() -> str:
+    return get_settings().default_model
+
+
+def jobs_view_place(job: Job) -> tuple[int, int | None]:
+    with session_scope() as session:
+        return place_of(session, job)
+
+
 @pytest.fixture
 def tenant_id(darkroom_env: dict[str, Any]) -> str:
     with session_scope() as session:
@@ -91,6 +102,22 @@ def test_jobs_committed_together_are_each_stored_published_and_placed(
     for job in made:
         first = broker.get_redis().xrange(events.stream_key(job.id))[0][1]
         assert (first[b"type"], json.loads(first[b"data"])) == (b"queued", {"status": "queued"})
+    # Marked as sent, so the reconciler does not send them again.
+    assert broker.is_published([job.id for job in made]) == [True] * 5
+
+
+def test_a_group_is_placed_in_the_order_workers_take_it_with_its_models_eta(
+    tenant_id: str, darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record_run_seconds(settings_model(), 2.0)
+    made = new_jobs(tenant_id, ["first", "second", "urgent", "third"])
+    made[2].priority = limits.PRIORITIES["high"]  # submitted third, taken first
+    views, groups = commit_together(made, monkeypatch)
+    assert groups == [4]
+    # No worker runs the queue: the jobs ahead are waited for one after another.
+    assert [(v.queue_position, v.eta_seconds) for v in views] == [(1, 4), (2, 6), (0, 2), (3, 8)]
+    # A poll reads the same place from the position set the group entered.
+    assert jobs_view_place(made[3]) == (3, 8)
 
 
 def test_a_job_that_breaks_its_group_fails_alone(
