@@ -55,12 +55,14 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            client = scope.get("client")
             access.info(
-                "%s %s %d %.1f ms",
+                "%s %s %d %.1f ms from %s",
                 scope["method"],
                 scope["path"],
                 status,
                 (time.monotonic() - started) * 1000,
+                f"{client[0]}:{client[1]}" if client else "-",
                 extra={"tenant": scope["state"].get("tenant")},
             )
             logs.request_id.reset(token)

@@ -32,8 +32,17 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    # None: uvicorn's loggers go through the root handler, so its lines are JSON like ours.
-    options: dict[str, Any] = {"factory": True, "host": host, "port": port, "log_level": log_level, "log_config": None}
+    # log_config None: uvicorn's loggers go through the root handler, so its lines are JSON like ours. Its
+    # access log is off: api.context writes one line per request, with the request id, tenant and duration
+    # besides what uvicorn's says; with both, every request was logged twice.
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "log_level": log_level,
+        "log_config": None,
+        "access_log": False,
+    }
     if workers <= 1 or not balances_connections() or port == 0:  # port 0: each worker would pick its own port
         uvicorn.run(APP, workers=workers, **options)
         return

@@ -4,7 +4,9 @@ keys that must never reach a log or an error message."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -140,3 +142,22 @@ def test_keys_never_reach_logs_or_error_messages(real_api: Any) -> None:
     assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     assert any(line.get("request_id") for line in lines)
     assert key not in log and wrong not in log
+
+
+def test_each_request_is_logged_once_with_its_id_status_and_client(real_api: Any) -> None:
+    _, url, api = real_api
+    request_id = f"trace-{uuid.uuid4().hex[:12]}"
+    assert httpx.get(f"{url}/v1/jobs", headers={"X-Request-ID": request_id}).status_code == 401
+
+    def logged() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in api.output().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("request_id") == request_id]
+
+    # The line is written once the response is sent: give it a moment, and another line the time to follow.
+    deadline = time.monotonic() + 5
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    mine = logged()
+    assert [line["logger"] for line in mine] == ["darkroom.access"]
+    assert re.fullmatch(r"GET /v1/jobs 401 [\d.]+ ms from 127\.0\.0\.1:\d+", mine[0]["msg"])
