@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -15,7 +15,7 @@ from api import aio_reads, deps, group_commit, live
 from api.deps import SessionDep, SubmitterDep, TenantDep
 from api.errors import responses
 from api.generation import Inputs, read_inputs, store_inputs
-from api.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
+from api.idempotency import KEY_DESCRIPTION, KEY_EXAMPLE, KEY_HEADER, REPLAYED_HEADER, optional_header
 from api.pagination import decode_cursor, encode_cursor
 from api.schemas import JobCreate, JobList, JobRead, JobStatus
 from shared import broker, idempotency, jobs, limits, retention
@@ -210,15 +210,20 @@ PREFER_DESCRIPTION = (
         },
         **responses(401, 409, 413, 422, 429, 503),
     },
+    # Its two optional headers are read from the request, not declared as Header parameters: FastAPI resolves
+    # each declared parameter with type introspection on every request, about 13 us apiece in-process, on
+    # the route that takes the most requests. Documented as FastAPI would document them.
+    openapi_extra={
+        "parameters": [
+            optional_header(KEY_HEADER, KEY_DESCRIPTION, KEY_EXAMPLE),
+            optional_header("Prefer", PREFER_DESCRIPTION, "wait=30"),
+        ]
+    },
 )
-async def create_job(
-    body: JobCreate,
-    submitter: SubmitterDep,
-    idempotency_key: IdempotencyKeyHeader = None,
-    prefer: Annotated[str | None, Header(alias="Prefer", description=PREFER_DESCRIPTION, examples=["wait=30"])] = None,
-) -> Response:
+async def create_job(body: JobCreate, submitter: SubmitterDep, request: Request) -> Response:
     """Submit a job; it is queued at once and runs on the next free worker for its model."""
     tenant_id = submitter.tenant_id
+    idempotency_key, prefer = request.headers.get(KEY_HEADER), request.headers.get("Prefer")
     if idempotency_key is None:
         job, replayed = await _submit_grouped(body, submitter), False
     else:

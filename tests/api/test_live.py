@@ -62,6 +62,9 @@ def test_openapi_documents_the_integration_features(api: TestClient, darkroom_en
     create = paths["/v1/jobs"]["post"]
     headers = {p["name"]: p for p in create["parameters"] if p["in"] == "header"}
     assert "Idempotency-Key" in headers and "Prefer" in headers
+    # Read from the request on this route, yet documented exactly as the routes that declare the header do.
+    batches = paths["/v1/batches"]["post"]["parameters"]
+    assert headers["Idempotency-Key"] == next(p for p in batches if p["name"] == "Idempotency-Key")
     assert {"200", "202", "409", "422"} <= set(create["responses"])
     wait = {p["name"]: p for p in paths["/v1/jobs/{job_id}"]["get"]["parameters"]}["wait"]
     assert wait["schema"]["maximum"] == 60
