@@ -10,7 +10,9 @@ an idle worker, read from the job records; `idle_round_trip_ms`, one PostgreSQL 
 
 A burst is submitted as a backend would: over `--concurrency` keep-alive connections opened beforehand,
 with the cheap client of bench/client.py (on two cores the client's CPU is taken from the service it
-measures). Its clock runs from the first request to the last job's `finished_at`.
+measures). Its clock runs from the first request to the last job's `finished_at`. The best burst's time is
+split, from the worker's log, into before its first call, in its calls, between them and after the last;
+with each side's median call, that says whether the service lost its time in the calls or around them.
 
     python -m bench.e2e [--jobs 64] [--size 64] [--steps 4] [--concurrency 16]
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ from sqlalchemy import create_engine, text
 from bench.client import HTTPConnection, http_request
 
 ROOT = Path(__file__).resolve().parent.parent
+CALL_TOOK = re.compile(r"call of \d+ images \(padded to \d+\) took (\d+) ms")
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -113,6 +117,8 @@ class Bench:
             "DARKROOM_TORCH_THREADS": str(args.threads),
         }
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.span: tuple[datetime, datetime]  # the last burst's first request and last finish
+        self.tokens = 0  # the jobs' tokens published so far: one per job
         self.engine: Any = None
 
     def __enter__(self) -> Bench:
@@ -220,12 +226,40 @@ class Bench:
         if failed:
             raise RuntimeError(f"{len(failed)} jobs did not succeed: {failed[:3]}")
         end = max(r[3] for r in rows if r[3] is not None)
+        self.span = (start, end)
+        self.tokens += n
+        self.quiet()
         return n / (end - start).total_seconds()
+
+    def quiet(self) -> None:
+        """Wait until the worker has run every job's token (see shared/scheduling.py). A batch of 8 runs on
+        one of them; the other 7 each find nothing queued, but still make a task's round trip through the
+        worker, PostgreSQL and Redis (about 3 ms here): left to run during the next direct calls, they
+        would slow those."""
+        log = self.workdir / "worker.log"
+
+        def done() -> bool:
+            text = log.read_text(errors="replace")
+            received = text.count("] received")
+            return received >= self.tokens and text.count("] succeeded in ") >= received
+
+        wait_until(done, 60, "the burst's tokens run", interval=0.02)
 
     def batch_sizes(self) -> list[int]:
         """Jobs per pipeline call so far, from the worker's log."""
         log = (self.workdir / "worker.log").read_text(errors="replace")
         return [int(m) for m in re.findall(r"running (\d+) jobs", log)]
+
+    def calls(self) -> list[tuple[datetime, float]]:
+        """(end, ms) of each pipeline call so far, from the worker's log: its line is written as the call
+        returns, and says how long it took."""
+        calls = []
+        for line in (self.workdir / "worker.log").read_text(errors="replace").splitlines():
+            if '"call of ' in line:
+                entry = json.loads(line)
+                if took := CALL_TOOK.search(entry["msg"]):
+                    calls.append((datetime.fromisoformat(entry["ts"]), float(took[1])))
+        return calls
 
     def idle_round_trip(self, n: int = 10) -> float:
         """p50 of a PostgreSQL `SELECT 1` after 0.2 s of quiet (ms): what waking an idle process costs this
@@ -254,6 +288,21 @@ class Bench:
         return waits
 
 
+def breakdown(start: datetime, end: datetime, calls: list[tuple[datetime, float]]) -> dict[str, float]:
+    """Where a burst's time went (ms): before its first call started, in its calls, between them, and after
+    the last one returned (its images stored, the jobs recorded). The log's times are to the millisecond."""
+    spans = [(finish - timedelta(milliseconds=ms), finish) for finish, ms in calls]
+    if not spans:
+        return {}
+    gaps = [(b[0] - a[1]).total_seconds() * 1000 for a, b in itertools.pairwise(spans)]
+    return {
+        "before_first_call": (spans[0][0] - start).total_seconds() * 1000,
+        "in_calls": sum((b - a).total_seconds() * 1000 for a, b in spans),
+        "between_calls": sum(gaps),
+        "after_last_call": (end - spans[-1][1]).total_seconds() * 1000,
+    }
+
+
 def load_direct(args: argparse.Namespace, model_dir: Path) -> Any:
     """The pipeline of the direct calls, in this process, with the worker's thread count."""
     import torch
@@ -265,8 +314,9 @@ def load_direct(args: argparse.Namespace, model_dir: Path) -> Any:
     return pipe
 
 
-def direct(args: argparse.Namespace, pipe: Any, per_call: int) -> float:
-    """Images/s of the same N requests through `generate_batch` in this process, `per_call` images a call."""
+def direct(args: argparse.Namespace, pipe: Any, per_call: int, calls: list[float] | None = None) -> float:
+    """Images/s of the same N requests through `generate_batch` in this process, `per_call` images a call;
+    each call's ms appended to `calls`."""
     from worker.generate import generate_batch
 
     requests = [
@@ -283,9 +333,12 @@ def direct(args: argparse.Namespace, pipe: Any, per_call: int) -> float:
         for i in range(args.jobs)
     ]
     generate_batch(pipe, requests[:per_call], lambda step, total: None)  # warm-up
-    start = time.perf_counter()
+    start = before = time.perf_counter()
     for i in range(0, len(requests), per_call):
         generate_batch(pipe, requests[i : i + per_call], lambda step, total: None)
+        if calls is not None:
+            calls.append((time.perf_counter() - before) * 1000)
+        before = time.perf_counter()
     return len(requests) / (time.perf_counter() - start)
 
 
@@ -316,14 +369,22 @@ def main() -> None:
         with Bench(workdir, args) as bench:
             bench.burst(2)  # the worker loads its pipeline
             service, direct_batched, before = 0.0, 0.0, len(bench.batch_sizes())
+            # Each call's time, both sides: whether the gap is in the calls or between them.
+            service_calls: list[float] = []
+            direct_calls: list[float] = []
+            pairs: list[tuple[float, float]] = []  # (service, direct) images/s of each round
             # Service bursts and direct runs take turns (the service idle meanwhile), so that on a machine
             # shared with other work both sides meet the same moments of load; the best of each counts.
             for _ in range(args.rounds):
                 rate = bench.burst(args.jobs)
+                calls = [c for c in bench.calls() if bench.span[0] <= c[0] <= bench.span[1]]
+                service_calls += [ms for _, ms in calls]
                 if rate > service:
                     service, submit_s, sizes = rate, bench.submit_s, bench.batch_sizes()[before:]
+                    spent = breakdown(*bench.span, calls)
                 before = len(bench.batch_sizes())
-                direct_batched = max(direct_batched, direct(args, pipe, batch))
+                pairs.append((rate, direct(args, pipe, batch, direct_calls)))
+                direct_batched = max(direct_batched, pairs[-1][1])
             idle = bench.idle_starts(args.idle)
             wake = bench.idle_round_trip()
         direct_single = direct(args, pipe, 1)
@@ -334,6 +395,8 @@ def main() -> None:
         "service_vs_direct": round(service / direct_batched, 3),
         "idle_start_p50_ms": round(statistics.median(idle), 1),
         "idle_round_trip_ms": round(wake, 2),
+        "service_call_p50_ms": statistics.median(service_calls),
+        "direct_call_p50_ms": round(statistics.median(direct_calls), 1),
     }
     title = f"darkroom end to end: {args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, tiny-sd"
     table = Table(title=f"{title}, {args.threads} torch thread(s)")
@@ -343,8 +406,14 @@ def main() -> None:
     table.add_row(f"direct, images/s ({batch} images per call, as the worker batches)", f"{direct_batched:.2f}")
     table.add_row("direct, images/s (one image per call)", f"{direct_single:.2f}")
     table.add_row("service / direct (batched)", f"{service / direct_batched:.3f}")
+    each = ", ".join(f"{s:.1f}/{d:.1f}" for s, d in pairs)
+    table.add_row("each round, service/direct images/s", each)
     table.add_row(f"best burst: {args.jobs} submits took (s)", f"{submit_s:.2f}")
     table.add_row("best burst: pipeline calls (mean jobs per call)", f"{len(sizes)} ({statistics.mean(sizes):.1f})")
+    table.add_row(f"a call of {batch} images in the worker, p50 (ms)", f"{statistics.median(service_calls):.0f}")
+    table.add_row(f"a direct call of {batch} images, p50 (ms)", f"{statistics.median(direct_calls):.1f}")
+    for part, ms in spent.items():
+        table.add_row(f"best burst: {part.replace('_', ' ')} (ms)", f"{ms:.0f}")
     table.add_row(f"idle submit -> running, p50 of {args.idle} (ms)", f"{statistics.median(idle):.1f}")
     table.add_row("idle submit -> running, max (ms)", f"{max(idle):.1f}")
     table.add_row("for scale: PostgreSQL SELECT 1 after 0.2 s idle, p50 (ms)", f"{wake:.1f}")
