@@ -46,7 +46,8 @@ from sqlalchemy import create_engine, text
 from bench.client import HTTPConnection, http_request
 
 ROOT = Path(__file__).resolve().parent.parent
-CALL_TOOK = re.compile(r"call of \d+ images \(padded to \d+\) took (\d+) ms")
+# The worker's line for each pipeline call: images, images with padding, milliseconds (bench.gpu reads it too).
+CALL_LINE = re.compile(r"call of (\d+) images \(padded to (\d+)\) took (\d+) ms")
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -257,8 +258,8 @@ class Bench:
         for line in (self.workdir / "worker.log").read_text(errors="replace").splitlines():
             if '"call of ' in line:
                 entry = json.loads(line)
-                if took := CALL_TOOK.search(entry["msg"]):
-                    calls.append((datetime.fromisoformat(entry["ts"]), float(took[1])))
+                if call := CALL_LINE.search(entry["msg"]):
+                    calls.append((datetime.fromisoformat(entry["ts"]), float(call[3])))
         return calls
 
     def idle_round_trip(self, n: int = 10) -> float:
@@ -395,7 +396,7 @@ def main() -> None:
         "service_vs_direct": round(service / direct_batched, 3),
         "idle_start_p50_ms": round(statistics.median(idle), 1),
         "idle_round_trip_ms": round(wake, 2),
-        "service_call_p50_ms": statistics.median(service_calls),
+        "service_call_p50_ms": round(statistics.median(service_calls), 1),
         "direct_call_p50_ms": round(statistics.median(direct_calls), 1),
     }
     title = f"darkroom end to end: {args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, tiny-sd"

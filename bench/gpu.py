@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench.e2e import ROOT, darkroom, free_port, stop, wait_until
+from bench.e2e import CALL_LINE, ROOT, darkroom, free_port, stop, wait_until
 
 T0 = time.monotonic()
 
@@ -398,9 +397,6 @@ class Service:
                 starts.append(_ms(job["created_at"], job["started_at"]))
                 time.sleep(0.2)
         return statistics.median(starts), statistics.median(totals)
-
-
-CALL_LINE = re.compile(r"call of (\d+) images \(padded to (\d+)\) took (\d+) ms")
 
 
 def call_rates(worker_log: Path, batch: int) -> list[float]:
