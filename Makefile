@@ -47,7 +47,8 @@ bench: install services
 	$(PY) -m bench.e2e
 	$(PY) -m bench.encode
 
-# On a GPU host (no registry, no Redis service needed): REDIS_SERVER=/path/to/redis-server make bench-gpu
+# On a GPU host with this venv: REDIS_SERVER=/path/to/redis-server make bench-gpu. One with no registry and
+# no Redis: bench/gpu-carry.sh here, bench/gpu-host.sh there (docs/gpu-bench.md).
 REDIS_SERVER ?= $(shell command -v redis-server)
 bench-gpu:
 	$(PY) -m bench.gpu --redis-server "$(REDIS_SERVER)"
