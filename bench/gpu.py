@@ -250,6 +250,7 @@ def direct(model_dir: Path, args: argparse.Namespace, size: int, dtype: Any, cou
     from diffusers import AutoPipelineForText2Image
 
     pipe = AutoPipelineForText2Image.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    pipe.watermark = None  # diffusers' own SDXL mark: the baseline (../shared/gpu-baseline) and the worker run without
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
 
