@@ -33,7 +33,7 @@ from worker.lease import Heartbeat
 from worker.next_batch import NextBatch
 from worker.pipelines import ModelTooLarge, PipelineCache, resolve_device
 from worker.record import fail_jobs
-from worker.safety import nsfw_flags
+from worker.safety import nsfw_flags_by_job
 from worker.sidecar import Later
 from worker.store import ToStore
 from worker.variants import prepare_pipeline, sampler_name
@@ -318,14 +318,13 @@ def compute(
             fail([by_id[result.timed_out]], "timeout", f"the job ran past its time limit of {limit} s")
             outcomes.update(hand_back_all(result.unrun, queue))
             computed.stopped = True
+        # The safety check runs the base model's checker on the accelerator: here, not on the store thread.
+        verdicts = nsfw_flags_by_job(base, result.images)
         for job_id, images in result.images.items():
-            member = by_id[job_id]
-            # The safety check runs the base model's checker on the accelerator: here, not on the store thread.
-            try:
-                nsfw = nsfw_flags(base, images)
-            except Exception as exc:
-                log.exception("job %s: safety check failed", job_id)
-                fail([member], *failures.describe(exc))
+            member, nsfw = by_id[job_id], verdicts[job_id]
+            if isinstance(nsfw, Exception):
+                log.error("job %s: safety check failed", job_id, exc_info=nsfw)
+                fail([member], *failures.describe(nsfw))
                 continue
             if any(nsfw) and member.request.get("nsfw", "withhold") == "withhold":
                 fail([member], "content_policy", "the model's safety checker flagged the output, so it was withheld")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import threading
 import time
@@ -548,3 +549,88 @@ def test_a_database_outage_while_gathering_runs_the_batch_already_claimed(
     job = load(job_id)
     assert job.status == "succeeded" and job.attempts == 1  # run now, not left for its lease to lapse
     assert len(claims) == 4  # leader, company, one failed look for more, the loop's next claim: no retry storm
+
+
+class FlagBright(torch.nn.Module):
+    """A stand-in safety checker with StableDiffusionSafetyChecker's call signature: flags each image brighter
+    than `threshold` (its mean, in [0, 1]) and fails a call that holds an image as bright as `fails_on`."""
+
+    def __init__(self, threshold: float, fails_on: float | None = None):
+        super().__init__()
+        self.threshold, self.fails_on = threshold, fails_on
+        self.calls: list[int] = []  # images per call
+
+    def forward(self, images: Any, clip_input: Any) -> tuple[Any, list[bool]]:
+        self.calls.append(len(images))
+        means = [float(image.mean()) for image in images]
+        if self.fails_on is not None and any(abs(m - self.fails_on) < NEAR for m in means):
+            raise RuntimeError("the checker broke on this image")
+        return images, [m > self.threshold for m in means]
+
+
+# How far an image's brightness may move between a batched call and a call of its own: a few of its values
+# by one step of 255 (this tiny model's images are noise, their brightness all close to 0.5).
+NEAR = 2e-4
+
+
+def brightness_split(jobs: list[str]) -> tuple[float, dict[str, list[float]]]:
+    """Each job's images' brightness when made alone, and a threshold in the widest gap between two of them."""
+    means = {job_id: [float(image.mean()) / 255 for image in alone(load(job_id).request)] for job_id in jobs}
+    ordered = sorted(m for values in means.values() for m in values)
+    gap, low = max((b - a, a) for a, b in itertools.pairwise(ordered))
+    assert gap > 5 * NEAR, ordered
+    return low + gap / 2, means
+
+
+def flags_of_stored(job_id: str, threshold: float) -> list[bool]:
+    """The verdicts the job's stored images (unmarked: exactly the images checked) earn alone."""
+    return [float(image.mean()) / 255 > threshold for image in pixels(job_id)]
+
+
+@pytest.fixture
+def checker_on_tiny_sd(darkroom_env: dict[str, Any]) -> Any:
+    base = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+
+    def register(checker: FlagBright) -> FlagBright:
+        base.register_modules(safety_checker=checker)
+        return checker
+
+    yield register
+    base.register_modules(safety_checker=None)
+
+
+def test_a_batch_is_checked_for_safety_in_one_call_and_each_job_gets_its_own_verdicts(
+    checker_on_tiny_sd: Any,
+) -> None:
+    jobs = [
+        submit(seed=7, num_images=2, nsfw="flag"),
+        submit(prompt="a red fox", seed=100, nsfw="flag"),
+        submit(seed=3, num_images=3, nsfw="flag"),
+    ]
+    threshold, _ = brightness_split(jobs)
+    checker = checker_on_tiny_sd(FlagBright(threshold))
+    assert tasks.run_job(jobs[0]) == "succeeded"
+    assert checker.calls == [6]
+    verdicts = []
+    for job_id in jobs:
+        job = load(job_id)
+        assert job.status == "succeeded"
+        verdicts.append([o["nsfw"] for o in job.outputs])
+        assert verdicts[-1] == flags_of_stored(job_id, threshold)
+    assert {flag for flags in verdicts for flag in flags} == {True, False}
+
+
+def test_a_safety_check_that_fails_fails_only_the_job_whose_images_broke_it(checker_on_tiny_sd: Any) -> None:
+    jobs = [submit(seed=7, num_images=2, nsfw="flag"), submit(seed=100), submit(seed=3, num_images=3, nsfw="flag")]
+    threshold, means = brightness_split(jobs)
+    breaking = means[jobs[1]][0]
+    assert all(abs(m - breaking) > 5 * NEAR for job_id in (jobs[0], jobs[2]) for m in means[job_id])
+    checker = checker_on_tiny_sd(FlagBright(threshold, fails_on=breaking))
+    tasks.run_job(jobs[0])
+    assert checker.calls == [6, 2, 1, 3]  # together, then one job at a time
+    broken = load(jobs[1])
+    assert broken.status == "failed" and broken.error_code == "generation_failed"
+    assert "the checker broke on this image" in broken.error_message
+    for job_id in (jobs[0], jobs[2]):
+        assert load(job_id).status == "succeeded"
+        assert [o["nsfw"] for o in load(job_id).outputs] == flags_of_stored(job_id, threshold)
