@@ -40,6 +40,7 @@ def test_host_script_leaves_figures_and_logs_under_out(tmp_path: Path) -> None:
     assert figures["device"] == "cpu"
     assert figures["sd15_service_img_per_s"] > 0
     assert figures["sd15_direct_img_per_s"] > 0
+    assert figures["sd15_direct_batch_img_per_s"] > 0  # plain diffusers at the service's batch size
     host = (out / "host.txt").read_text()
     assert f"{torch.__version__} {diffusers.__version__}" in host
     # The worker's log is what tells a slow call from a slow service around it.
