@@ -25,6 +25,7 @@ WANTED=(
   tenacity invisible-watermark PyWavelets
 )
 
+[ -x "$VENV_PY" ] || { echo "no $VENV_PY: run make install first (its versions are the ones carried)" >&2; exit 1; }
 mkdir -p .git/info
 grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >>.git/info/exclude
 rm -rf "$CARRY"
