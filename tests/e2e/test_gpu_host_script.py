@@ -19,21 +19,28 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_host_script(
+    tmp_path: Path, redis_server: str, args: list[str], timeout: int
+) -> subprocess.CompletedProcess[str]:
+    """bench/gpu-host.sh as a device run calls it, with nothing to install: this interpreter has every package."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")} | {
+        "CARRY": str(tmp_path / "no-carry"),
+        "PYTHON": sys.executable,
+        "REDIS_SERVER": redis_server,
+        "OUT": str(tmp_path / "out"),
+        "WORKDIR": str(tmp_path / "work"),
+    }
+    return subprocess.run(
+        ["bash", "bench/gpu-host.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_host_script_leaves_figures_and_logs_under_out(tmp_path: Path) -> None:
     out = tmp_path / "out"
     redis_server = shutil.which("redis-server")
     assert redis_server, "redis-server is needed: the GPU host runs its own, as this does"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")} | {
-        "CARRY": str(tmp_path / "no-carry"),  # nothing to install: this interpreter has every package
-        "PYTHON": sys.executable,
-        "REDIS_SERVER": redis_server,
-        "OUT": str(out),
-        "WORKDIR": str(tmp_path / "work"),
-    }
     args = ["--device", "cpu", "--tiny", "--arch", "sd15", "--jobs", "8", "--idle", "2", "--direct-images", "2"]
-    done = subprocess.run(
-        ["bash", "bench/gpu-host.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_host_script(tmp_path, redis_server, args, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     figures = json.loads((out / "bench.log").read_text().splitlines()[-1])
@@ -51,20 +58,7 @@ def test_host_script_leaves_figures_and_logs_under_out(tmp_path: Path) -> None:
 
 def test_host_script_fails_when_the_benchmark_does(tmp_path: Path) -> None:
     """A run that breaks must say so to the device tool (its exit status), not hide behind `tee`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")} | {
-        "CARRY": str(tmp_path / "no-carry"),
-        "PYTHON": sys.executable,
-        "REDIS_SERVER": str(tmp_path / "no-such-redis-server"),
-        "OUT": str(tmp_path / "out"),
-        "WORKDIR": str(tmp_path / "work"),
-    }
-    done = subprocess.run(
-        ["bash", "bench/gpu-host.sh", "--device", "cpu", "--tiny", "--arch", "sd15"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = str(tmp_path / "no-such-redis-server")
+    done = run_host_script(tmp_path, missing, ["--device", "cpu", "--tiny", "--arch", "sd15"], timeout=120)
     assert done.returncode != 0
     assert "no-such-redis-server" in (tmp_path / "out" / "bench.log").read_text()
