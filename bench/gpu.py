@@ -479,7 +479,7 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
 
             def warmed() -> bool:  # or given up: a failed compilation leaves the model eager
                 text = worker_log.read_text(errors="replace")
-                return text.count("compiled shape") >= shapes or "the model runs eagerly" in text
+                return text.count("compiled shape") >= shapes or "failed; it runs eagerly" in text
 
             wait_until(warmed, 900, "shapes warmed")
         log(f"{arch}: burst of {jobs} jobs")

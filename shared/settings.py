@@ -121,7 +121,11 @@ class Settings(BaseSettings):
         description="Processes beside a worker's pipeline that watermark, encode, upload and record its images;"
         " -1: one per core but one, at most 4; 0: all of it in the worker process itself.",
     )
-    compile: bool = Field(False, description="torch.compile the UNet (mode reduce-overhead: CUDA graphs on a GPU).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet (mode reduce-overhead: CUDA graphs on a GPU) and the VAE's decode"
+        " (inductor's fused kernels).",
+    )
     compile_shapes: str = Field(
         "",
         description="With compile: WIDTHxHEIGHTxBATCH buckets, e.g. `512x512x1,512x512x8`, warmed one at a time"

@@ -1,9 +1,9 @@
 """A compiled model serves before it is warm (worker/acceleration.py): a call runs compiled only at a shape
 already warmed, and eagerly otherwise; the listed shapes are warmed one at a time between batches.
 
-torch.compile runs for real here (TorchDynamo traces the tiny UNet), with a recording backend in place of
-inductor: it counts what is compiled and what runs compiled, which is what these tests are about, and
-spares the 2-core CI machine inductor's code generation.
+torch.compile runs for real here (TorchDynamo traces the tiny UNet and VAE decode), with recording backends
+in place of inductor: they count what is compiled and what runs compiled, which is what these tests are
+about, and spare the 2-core CI machine inductor's code generation.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,19 +23,21 @@ from worker.pipelines import PipelineCache
 
 
 class Recorder:
-    """A torch.compile backend: each graph compiled, and each run of a compiled graph, goes in `events`."""
+    """A torch.compile backend: each graph compiled, and each run of a compiled graph, goes in `events`
+    (those of the VAE's decode named so, beside the UNet's)."""
 
-    def __init__(self) -> None:
-        self.events: list[str] = []
+    def __init__(self, events: list[str] | None = None, prefix: str = "") -> None:
+        self.events: list[str] = [] if events is None else events
+        self.prefix = prefix
         self.broken = False  # compiling fails, as inductor would without a working compiler
 
     def __call__(self, graph: torch.fx.GraphModule, _inputs: list[Any]) -> Callable[..., Any]:
-        self.events.append("compile")
+        self.events.append(self.prefix + "compile")
         if self.broken:
             raise RuntimeError("no compiler here")
 
         def run(*args: Any) -> Any:
-            self.events.append("compiled run")
+            self.events.append(self.prefix + "compiled run")
             return graph.forward(*args)
 
         return run
@@ -50,6 +53,8 @@ def recorder(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> I
     monkeypatch.setenv("DARKROOM_COMPILE_SHAPES", "64x48x1,64x48x2")
     reset_caches()
     monkeypatch.setattr(acceleration, "COMPILE_OPTIONS", {"backend": recorder, "dynamic": False})
+    decoder = Recorder(recorder.events, prefix="decode ")
+    monkeypatch.setattr(acceleration, "DECODE_COMPILE_OPTIONS", {"backend": decoder, "dynamic": False})
     monkeypatch.setattr(tasks, "_cache", PipelineCache(torch.device("cpu")))  # a fresh load, compiled
     yield recorder
     torch._dynamo.reset()
@@ -133,12 +138,62 @@ def test_a_fresh_worker_serves_each_batch_before_warming_its_next_shape(
     # Now both shapes are warm: calls are padded to them and run compiled, compiling nothing new, through
     # the pipeline built for the first job while the model was cold.
     compiled, runs = recorder.count("compile"), recorder.count("compiled run")
+    decoded = recorder.count("decode compiled run")
     jobs += [submit(steps=2, seed=4), submit(steps=2, seed=5)]
     assert tasks.run_job(jobs[2]) == "succeeded"
     assert tasks.run_job(submit(steps=2, seed=6)) == "succeeded"
     assert calls == [0, 0, 2, 1]
     assert recorder.count("compile") == compiled and recorder.count("compiled run") > runs
+    assert recorder.count("decode compiled run") == decoded + 2  # and decoded compiled
     assert all(load(job_id).status == "succeeded" for job_id in jobs)
+
+
+def pixels(pipe: Any, images: int = 1) -> np.ndarray:
+    with acceleration.stance(pipe, 64, 48, images, 7.5), torch.inference_mode():
+        return pipe(
+            "a lighthouse",
+            width=64,
+            height=48,
+            num_inference_steps=2,
+            num_images_per_prompt=images,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(7),
+            output_type="np",
+        ).images
+
+
+def test_a_warmed_shape_decodes_compiled_to_the_pixels_of_the_vaes_own_decode(recorder: Recorder) -> None:
+    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    eager = pixels(pipe)
+    assert recorder.events == []
+
+    acceleration.warm_next()  # one image: the UNet's graphs, then the decode's
+    compiled = recorder.count("decode compile")
+    assert compiled > 0 and recorder.count("decode compiled run") == 1
+    np.testing.assert_allclose(pixels(pipe), eager, atol=1e-6)
+    assert recorder.count("decode compile") == compiled and recorder.count("decode compiled run") == 2
+    assert "decode" not in vars(pipe.vae)  # after the call, the VAE's own decode again
+
+    pixels(pipe, images=2)  # a shape not warmed yet decodes eagerly, compiling nothing
+    assert recorder.count("decode compile") == compiled and recorder.count("decode compiled run") == 2
+
+
+def test_a_shape_that_decodes_in_tiles_compiles_the_unet_alone(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiling is switched per call, by size: a tiled decode at a warmed shape would be a new graph mid-job.
+    tiling_pixels = 64 * 48 - 1
+    monkeypatch.setenv("DARKROOM_VAE_TILING_PIXELS", str(tiling_pixels))
+    reset_caches()
+    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    acceleration.warm_next()
+    assert recorder.count("compile") > 0 and acceleration.compiled_at(pipe, 64, 48, 1, 7.5)
+
+    runs = recorder.count("compiled run")
+    acceleration.configure_vae(pipe, 64, 48, tiling_pixels)  # as each call does
+    call(pipe, 1)
+    assert recorder.count("compiled run") > runs
+    assert recorder.count("decode compile") == 0 and recorder.count("decode compiled run") == 0
 
 
 def test_a_model_with_loras_loaded_runs_eagerly(recorder: Recorder) -> None:
