@@ -115,14 +115,36 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     if settings.compile and getattr(pipe, "unet", None) is not None and not is_upscaler(pipe):
         configure_compile_cache(settings)
         vae = getattr(pipe, "vae", None)
+        unet: Any = torch.compile(pipe.unet, **COMPILE_OPTIONS)  # an OptimizedModule, typed as a callable
+        # Outside the compiled graph: a wrapper's own hooks run before it is entered.
+        unet.register_forward_pre_hook(_steady_inputs, with_kwargs=True)
         _compiled[pipe] = Warmth(
-            torch.compile(pipe.unet, **COMPILE_OPTIONS),
+            unet,
             vae,
             torch.compile(vae.decode, **DECODE_COMPILE_OPTIONS) if vae is not None else None,
             parse_shapes(settings.compile_shapes),
             settings.vae_tiling_pixels,
         )
     return pipe
+
+
+def _steady_inputs(_unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The UNet's inputs in one memory layout and the timestep in one dtype, whatever the job: a compiled
+    graph is guarded on both, and a call at a warmed shape must not compile anew (minutes, with a job
+    waiting). With channels_last modules, as on a GPU, image-to-image and inpainting start from VAE-encoded
+    latents in channels_last, where text-to-image starts from contiguous noise; DDIM, PNDM and the DPM
+    solvers give int64 timesteps, Euler float32. Making a tensor contiguous copies only a latent's few
+    hundred kB, and the UNet embeds a timestep as float32 whatever its dtype, so nothing else changes."""
+    import torch
+
+    args = tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+    kwargs = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    sample = args[0] if args else kwargs["sample"]
+    if len(args) > 1:
+        args = (args[0], torch.as_tensor(args[1], dtype=torch.float32, device=sample.device), *args[2:])
+    elif "timestep" in kwargs:
+        kwargs["timestep"] = torch.as_tensor(kwargs["timestep"], dtype=torch.float32, device=sample.device)
+    return args, kwargs
 
 
 def uses_cfg(pipe: Any, guidance_scale: float) -> bool:
@@ -192,7 +214,8 @@ def _untiled_decode(vae: Any, compiled: Any) -> Any:
         if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
             return own(z, return_dict=return_dict, generator=generator)
         # Without the generators: decode ignores them, and each job's own must not become a graph's guard.
-        (sample,) = compiled(z, return_dict=False)
+        # Contiguous, as the UNet's inputs (see `_steady_inputs`).
+        (sample,) = compiled(z.contiguous(), return_dict=False)
         if not return_dict:
             return (sample,)
         from diffusers.models.autoencoders.vae import DecoderOutput

@@ -14,12 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from shared.registry import get_registry
 from tests.support import reset_caches
 from tests.worker.test_batching import load, submit
 from worker import acceleration, batching, tasks
+from worker.generate import generate_batch
 from worker.pipelines import PipelineCache
+from worker.variants import prepare_pipeline
 
 
 class Recorder:
@@ -194,6 +197,44 @@ def test_a_shape_that_decodes_in_tiles_compiles_the_unet_alone(
     call(pipe, 1)
     assert recorder.count("compiled run") > runs
     assert recorder.count("decode compile") == 0 and recorder.count("decode compiled run") == 0
+
+
+def test_a_warmed_shape_runs_every_task_and_scheduler_on_the_graphs_warmed_for_it(recorder: Recorder) -> None:
+    # A graph is guarded on its inputs' memory layout and dtypes, and a guard that fails compiles anew in the
+    # middle of a job (minutes on a GPU). The modules go channels_last as `prepare` puts them on a GPU: there,
+    # an image task's latents come from the VAE's encoder in that layout, text-to-image's from contiguous
+    # noise. DDIM and the DPM solvers step with int64 timesteps, the model's Euler with float32.
+    base = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    for module in (base.unet, base.vae):
+        module.to(memory_format=torch.channels_last)
+    acceleration.warm_next()  # 64x48, one image
+    warmed = recorder.count("compile"), recorder.count("decode compile")
+    runs = recorder.count("compiled run")
+
+    source = Image.fromarray(np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8))
+    inputs = {"image": source, "mask": Image.new("L", (64, 48), 255)}
+    for task, scheduler in [("img2img", None), ("inpaint", None), ("txt2img", "ddim"), ("txt2img", "dpmpp_2m")]:
+        request = {
+            "task": task,
+            "scheduler": scheduler,
+            "prompt": "a lighthouse",
+            "width": 64,
+            "height": 48,
+            "steps": 3,
+            "strength": 0.7,
+            "guidance_scale": 7.0,
+            "seed": 7,
+            "num_images": 1,
+        }
+        pipe = prepare_pipeline(base, request)
+        eager = generate_batch(pipe, [request], lambda *_: None, inputs=inputs)
+        with acceleration.stance(pipe, 64, 48, 1, 7.0):
+            compiled = generate_batch(pipe, [request], lambda *_: None, inputs=inputs)
+        difference = np.abs(np.asarray(compiled[0][0], int) - np.asarray(eager[0][0], int))
+        assert difference.max() <= 1, (task, scheduler)  # the same images, to a rounding of 8-bit pixels
+
+    assert (recorder.count("compile"), recorder.count("decode compile")) == warmed
+    assert recorder.count("compiled run") > runs
 
 
 def test_a_model_with_loras_loaded_runs_eagerly(recorder: Recorder) -> None:
