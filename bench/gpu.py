@@ -7,12 +7,13 @@ service runs as real processes (`darkroom api` + one `darkroom worker`) on SQLit
 compatible jobs through the service, images/s of plain diffusers one job per call and in one eager call
 of the service's batch size, the latency of one job submitted to an idle worker, and the service's
 fraction of the FLOP ceiling (UNet FLOPs per image from torch's FlopCounterMode, the card's bf16 matmul
-rate measured here). With the SD 1.5 worker compiled, it also restarts that worker on its kept compile
-cache and times its first job. From the worker's log it takes the rate of its own full calls
-(`*_full_call_img_per_s`): against plain diffusers' call of the same size (`*_direct_batch_img_per_s`),
-that tells a slow call from a slow service around it. Compare with /work/shared/gpu-baseline (plain
-diffusers on an H200). Each architecture's figures are printed as one JSON line as soon as they exist;
-the last line is one JSON object of them all.
+rate measured here). With the SD 1.5 worker compiled, it also times one DDIM job and one image-to-image job
+at idle (`*_ddim_job_ms`, `*_img2img_job_ms`: on the graphs text-to-image jobs warmed, a call's time, not a
+compilation's), and restarts that worker on its kept compile cache and times its first job. From the
+worker's log it takes the rate of its own full calls (`*_full_call_img_per_s`): against plain diffusers'
+call of the same size (`*_direct_batch_img_per_s`), that tells a slow call from a slow service around it.
+Compare with /work/shared/gpu-baseline (plain diffusers on an H200). Each architecture's figures are
+printed as one JSON line as soon as they exist; the last line is one JSON object of them all.
 
     python -m bench.gpu --redis-server /usr/bin/redis-server            # H100/H200, ~7.5 minutes
     python -m bench.gpu --device cpu --tiny --redis-server $(which redis-server)   # smoke check
@@ -21,6 +22,8 @@ the last line is one JSON object of them all.
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import statistics
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
@@ -358,9 +363,12 @@ class Service:
     def submit(self, client: httpx.Client, seed: int, size: int, steps: int) -> str:
         return str(self.post(client, seed, size, steps)["id"])
 
-    def post(self, client: httpx.Client, seed: int, size: int, steps: int, wait_s: int = 0) -> dict[str, Any]:
-        """The new job; with `wait_s`, the answer waits (`Prefer: wait`) until the job ends or that long."""
-        body = {"prompt": f"bench {seed}", "width": size, "height": size, "steps": steps, "seed": seed}
+    def post(
+        self, client: httpx.Client, seed: int, size: int, steps: int, wait_s: int = 0, **fields: Any
+    ) -> dict[str, Any]:
+        """The new job (`fields` added to its request); with `wait_s`, the answer waits (`Prefer: wait`) until
+        the job ends or that long."""
+        body = {"prompt": f"bench {seed}", "width": size, "height": size, "steps": steps, "seed": seed, **fields}
         headers = {**self.headers, "Prefer": f"wait={wait_s}"} if wait_s else self.headers
         response = client.post(f"{self.url}/v1/jobs", json=body, headers=headers)
         response.raise_for_status()
@@ -403,6 +411,28 @@ class Service:
                 starts.append(_ms(job["created_at"], job["started_at"]))
                 time.sleep(0.2)
         return statistics.median(starts), statistics.median(totals)
+
+    def job_ms(self, size: int, steps: int, **fields: Any) -> float:
+        """Submit to succeeded (ms) of one job with these request fields, on an idle worker."""
+        with httpx.Client(timeout=90) as client:
+            t = time.perf_counter()
+            job = self.post(client, 7000, size, steps, wait_s=60, **fields)
+            if job["status"] != "succeeded":
+                self.wait(client, job["id"], timeout=600)
+            return (time.perf_counter() - t) * 1000
+
+
+def png_data_uri(size: int) -> str:
+    """A smooth size x size picture as a PNG `data:` URI, an image-to-image job's input."""
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    picture = Image.fromarray(
+        np.stack(
+            [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)], axis=-1
+        )
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def call_rates(worker_log: Path, batch: int) -> list[float]:
@@ -486,6 +516,11 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
         service_rate = service.burst(jobs, size, args.steps)
         log(f"{arch}: idle latency")
         idle_start, idle_total = service.idle_latency(args.idle, size, args.steps)
+        others: dict[str, float] = {}
+        if compiled:  # on the graphs warmed by text-to-image jobs too: a new compilation would take a minute
+            log(f"{arch}: one DDIM job and one image-to-image job at idle")
+            others["ddim"] = service.job_ms(size, args.steps, scheduler="ddim")
+            others["img2img"] = service.job_ms(size, args.steps, task="img2img", image=png_data_uri(size), strength=0.7)
         restart_s = None
         if args.restart and compiled:
             log(f"{arch}: worker restarted on the kept compile cache")
@@ -512,6 +547,8 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
         f"{arch}_flop_ceiling_img_per_s": round(ceiling / tflop, 2),
         f"{arch}_fraction_of_ceiling": float(f"{service_rate * tflop / ceiling:.4g}"),
     }
+    for name, ms in others.items():
+        results[f"{arch}_{name}_job_ms"] = round(ms, 1)
     if restart_s is not None:
         results[f"{arch}_restart_first_job_s"] = round(restart_s, 1)
     full_calls = call_rates(workdir / arch / "worker.log", batch)
