@@ -199,15 +199,19 @@ def test_a_shape_that_decodes_in_tiles_compiles_the_unet_alone(
     assert recorder.count("decode compile") == 0 and recorder.count("decode compiled run") == 0
 
 
-def test_a_warmed_shape_runs_every_task_and_scheduler_on_the_graphs_warmed_for_it(recorder: Recorder) -> None:
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_a_warmed_shape_runs_every_task_and_scheduler_on_the_graphs_warmed_for_it(
+    recorder: Recorder, model: str
+) -> None:
     # A graph is guarded on its inputs' memory layout and dtypes, and a guard that fails compiles anew in the
     # middle of a job (minutes on a GPU). The modules go channels_last as `prepare` puts them on a GPU: there,
     # an image task's latents come from the VAE's encoder in that layout, text-to-image's from contiguous
     # noise. DDIM and the DPM solvers step with int64 timesteps, the model's Euler with float32.
-    base = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    base = tasks.pipeline_cache().get(get_registry().get(model))  # type: ignore[arg-type]
     for module in (base.unet, base.vae):
         module.to(memory_format=torch.channels_last)
     acceleration.warm_next()  # 64x48, one image
+    assert acceleration.compiled_at(base, 64, 48, 1, 7.0)
     warmed = recorder.count("compile"), recorder.count("decode compile")
     runs = recorder.count("compiled run")
 
