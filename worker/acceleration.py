@@ -103,6 +103,11 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     """Apply the execution options to a freshly loaded pipeline (already on `device`)."""
     import torch
 
+    # Inference only: no weight needs a gradient. Frozen from the start, the UNet's weights are as they are
+    # after its LoRAs are unloaded (PEFT freezes each layer it wraps), which its compiled graphs are guarded on.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
     if device.type == "cuda":
         for name in ("unet", "vae"):
             module = getattr(pipe, name, None)
@@ -160,6 +165,12 @@ def _warmth(pipe: Any) -> Warmth | None:
     if unet is None or getattr(unet, "peft_config", None):
         return None  # with LoRAs loaded, the UNet is no longer the module the wrapper traced
     return next((w for w in _compiled.values() if w.compiled._orig_mod is unet and not w.failed), None)
+
+
+def has_compiled_unet(pipe: Any) -> bool:
+    """Whether `pipe`'s UNet has a compiled wrapper it can run with (its LoRAs unloaded, if any are loaded)."""
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and any(w.compiled._orig_mod is unet and not w.failed for w in _compiled.values())
 
 
 def _warm_at(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> Warmth | None:

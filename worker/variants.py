@@ -22,6 +22,7 @@ from typing import Any
 from shared.registry import LoraSpec, get_registry
 from shared.settings import get_settings
 from shared.storage import get_storage
+from worker.acceleration import has_compiled_unet
 from worker.upscale import is_upscaler
 
 log = logging.getLogger("darkroom.worker")
@@ -127,7 +128,13 @@ def apply_loras(base: Any, pipe: Any, loras: list[dict[str, Any]]) -> None:
     """Activate exactly `loras` (name, scale) on the shared modules; none at all for an empty list."""
     loaded = _loaded.setdefault(id(base), set())
     if not loras:
-        if loaded:
+        if loaded and has_compiled_unet(base):
+            # Its graphs were traced on the UNet without adapters, and disabled ones stay in it: every later
+            # job would run eagerly. Unloaded (PEFT puts back each layer it wrapped), the next jobs run
+            # compiled again; a job that asks for a LoRA again loads it again.
+            pipe.unload_lora_weights()
+            loaded.clear()
+        elif loaded:
             pipe.disable_lora()
         return
     registry = get_registry()

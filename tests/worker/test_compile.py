@@ -241,20 +241,31 @@ def test_a_warmed_shape_runs_every_task_and_scheduler_on_the_graphs_warmed_for_i
     assert recorder.count("compiled run") > runs
 
 
-def test_a_model_with_loras_loaded_runs_eagerly(recorder: Recorder) -> None:
+def test_a_lora_job_runs_eagerly_and_the_next_job_without_one_compiled_again(recorder: Recorder) -> None:
     # diffusers loads a LoRA into the pipeline's own UNet (which it keeps: a compiled wrapper would take no
-    # adapters), and the graphs traced before it no longer fit the module: from then on, eagerly.
-    from worker.variants import prepare_pipeline
-
-    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    # adapters), and the graphs traced before it do not fit the UNet with adapters in it: that job runs
+    # eagerly. A job without LoRAs unloads them, and runs on the graphs again, compiling nothing new.
+    base = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    before = pixels(base)
     acceleration.warm_next()
-    assert acceleration.compiled_at(pipe, 64, 48, 1, 7.5)
-    with_lora = prepare_pipeline(pipe, {"task": "txt2img", "loras": [{"name": "tiny-lora", "scale": 1.0}]})
-    events = len(recorder.events)
-    call(with_lora, 1)
-    call(pipe, 1)
-    assert recorder.events[events:] == []  # neither compiled nor run compiled
-    assert not acceleration.compiled_at(pipe, 64, 48, 1, 7.5) and not acceleration.cold()
+    assert acceleration.compiled_at(base, 64, 48, 1, 7.5)
+    compiled = recorder.count("compile"), recorder.count("decode compile")
+
+    with_lora = prepare_pipeline(base, {"task": "txt2img", "loras": [{"name": "tiny-lora", "scale": 1.0}]})
+    runs = recorder.count("compiled run")
+    lora_pixels = pixels(with_lora)
+    assert recorder.count("compiled run") == runs and not acceleration.compiled_at(base, 64, 48, 1, 7.5)
+    assert np.abs(lora_pixels - before).max() > 0.01  # the LoRA did change the image
+
+    plain = prepare_pipeline(base, {"task": "txt2img"})
+    assert acceleration.compiled_at(plain, 64, 48, 1, 7.5)
+    np.testing.assert_allclose(pixels(plain), before, atol=1e-5)  # the model's own image, without the LoRA
+    assert recorder.count("compiled run") > runs
+    assert (recorder.count("compile"), recorder.count("decode compile")) == compiled
+
+    # Asked for again, the LoRA is loaded again, to the same effect.
+    again = prepare_pipeline(base, {"task": "txt2img", "loras": [{"name": "tiny-lora", "scale": 1.0}]})
+    np.testing.assert_allclose(pixels(again), lora_pixels, atol=1e-5)
 
 
 def test_compile_without_shapes_is_refused(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
