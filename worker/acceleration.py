@@ -49,6 +49,10 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "dynamic": False}
 # And for the VAE's decode: a few large kernels a call, so CUDA graphs would save little and hold a memory
 # pool of full-size activations per warmed shape; inductor's fusions are the gain.
 DECODE_COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
+# Graphs TorchDynamo keeps per function, above which it runs the function eagerly, silently. Its default
+# of 8 is a guard against recompiling on every call; here each listed shape of each loaded model is one
+# graph of the same UNet forward (and one of the VAE's decode), compiled once, when it is warmed.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -119,6 +123,7 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     # swap the wrapper in (`stance`).
     if settings.compile and getattr(pipe, "unet", None) is not None and not is_upscaler(pipe):
         configure_compile_cache(settings)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         vae = getattr(pipe, "vae", None)
         unet: Any = torch.compile(pipe.unet, **COMPILE_OPTIONS)  # an OptimizedModule, typed as a callable
         # Outside the compiled graph: a wrapper's own hooks run before it is entered.

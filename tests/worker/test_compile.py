@@ -268,6 +268,24 @@ def test_a_lora_job_runs_eagerly_and_the_next_job_without_one_compiled_again(rec
     np.testing.assert_allclose(pixels(again), lora_pixels, atol=1e-5)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_more_listed_shapes_than_dynamos_default_limit_all_run_compiled(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TorchDynamo keeps 8 graphs of a function by default and runs it eagerly past them, silently: a 9th
+    # warmed shape (or a 5th of each of two models) would have served eagerly while counted as compiled.
+    batches = range(1, 10)
+    monkeypatch.setenv("DARKROOM_COMPILE_SHAPES", ",".join(f"64x48x{batch}" for batch in batches))
+    reset_caches()
+    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    while acceleration.cold():
+        acceleration.warm_next()
+    for batch in batches:
+        runs = recorder.count("compiled run"), recorder.count("decode compiled run")
+        call(pipe, batch)
+        assert recorder.count("compiled run") > runs[0] and recorder.count("decode compiled run") > runs[1], batch
+
+
 def test_compile_without_shapes_is_refused(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from shared.settings import Settings
 
