@@ -169,13 +169,17 @@ def _warmth(pipe: Any) -> Warmth | None:
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(unet, "peft_config", None):
         return None  # with LoRAs loaded, the UNet is no longer the module the wrapper traced
-    return next((w for w in _compiled.values() if w.compiled._orig_mod is unet and not w.failed), None)
+    return _wrapping(unet)
 
 
 def has_compiled_unet(pipe: Any) -> bool:
     """Whether `pipe`'s UNet has a compiled wrapper it can run with (its LoRAs unloaded, if any are loaded)."""
     unet = getattr(pipe, "unet", None)
-    return unet is not None and any(w.compiled._orig_mod is unet and not w.failed for w in _compiled.values())
+    return unet is not None and _wrapping(unet) is not None
+
+
+def _wrapping(unet: Any) -> Warmth | None:
+    return next((w for w in _compiled.values() if w.compiled._orig_mod is unet and not w.failed), None)
 
 
 def _warm_at(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> Warmth | None:
