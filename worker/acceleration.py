@@ -57,8 +57,8 @@ RECOMPILE_LIMIT = 64
 
 @dataclass
 class Warmth:
-    """A model's compiled UNet and its shapes: those still to warm (listed), and those warmed (with whether the
-    UNet ran two rows per image for them, as with classifier-free guidance)."""
+    """A model's compiled UNet and decode, and its shapes: those still to warm (listed), and those warmed (with
+    whether the UNet ran two rows per image for them, as with classifier-free guidance)."""
 
     compiled: Any  # torch.compile's wrapper of the pipeline's own UNet, which stays in the pipeline
     vae: Any  # the pipeline's own VAE, or None
@@ -66,7 +66,7 @@ class Warmth:
     pending: list[tuple[int, int, int]]
     tiling_pixels: int  # DARKROOM_VAE_TILING_PIXELS: shapes above it decode in tiles, eagerly
     warmed: set[tuple[int, int, int, bool]] = field(default_factory=set)
-    failed: bool = False  # compiling failed: the UNet runs eagerly for as long as it is loaded
+    failed: bool = False  # compiling failed: the model runs eagerly for as long as it is loaded
 
 
 # By loaded pipeline: the entry goes with it when the cache evicts it (the wrapper holds its UNet).
