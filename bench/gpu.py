@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from bench.e2e import CALL_LINE, ROOT, darkroom, free_port, stop, wait_until
+from bench.encode import picture
 
 T0 = time.monotonic()
 
@@ -423,15 +422,9 @@ class Service:
 
 
 def png_data_uri(size: int) -> str:
-    """A smooth size x size picture as a PNG `data:` URI, an image-to-image job's input."""
-    ramp = np.linspace(0, 255, size, dtype=np.uint8)
-    picture = Image.fromarray(
-        np.stack(
-            [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)], axis=-1
-        )
-    )
+    """A size x size picture, smooth as generated ones are, as a PNG `data:` URI: an image-to-image job's input."""
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    picture(size, seed=0).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
