@@ -7,15 +7,17 @@ service runs as real processes (`darkroom api` + one `darkroom worker`) on SQLit
 compatible jobs through the service, images/s of plain diffusers one job per call and in one eager call
 of the service's batch size, the latency of one job submitted to an idle worker, and the service's
 fraction of the FLOP ceiling (UNet FLOPs per image from torch's FlopCounterMode, the card's bf16 matmul
-rate measured here). With the SD 1.5 worker compiled, it also times one DDIM job and one image-to-image job
-at idle (`*_ddim_job_ms`, `*_img2img_job_ms`: on the graphs text-to-image jobs warmed, a call's time, not a
-compilation's), and restarts that worker on its kept compile cache and times its first job. From the
-worker's log it takes the rate of its own full calls (`*_full_call_img_per_s`): against plain diffusers'
-call of the same size (`*_direct_batch_img_per_s`), that tells a slow call from a slow service around it.
-Compare with /work/shared/gpu-baseline (plain diffusers on an H200). Each architecture's figures are
-printed as one JSON line as soon as they exist; the last line is one JSON object of them all.
+rate measured here). With a worker compiled (SD 1.5's by default, SDXL's with `--xl-compile`), it also
+times one DDIM job and one image-to-image job at idle (`*_ddim_job_ms`, `*_img2img_job_ms`: on the graphs
+text-to-image jobs warmed, a call's time, not a compilation's), and restarts that worker on its kept
+compile cache and times its first job. From the worker's log it takes the rate of its own full calls
+(`*_full_call_img_per_s`): against plain diffusers' call of the same size (`*_direct_batch_img_per_s`), that
+tells a slow call from a slow service around it. Compare with /work/shared/gpu-baseline (plain diffusers on
+an H200). Each architecture's figures are printed as one JSON line as soon as they exist; the last line is
+one JSON object of them all.
 
     python -m bench.gpu --redis-server /usr/bin/redis-server            # H100/H200, ~7.5 minutes
+    python -m bench.gpu --redis-server /usr/bin/redis-server --arch sdxl --xl-compile   # SDXL compiled, alone
     python -m bench.gpu --device cpu --tiny --redis-server $(which redis-server)   # smoke check
 """
 
@@ -294,6 +296,7 @@ class Service:
         *,
         batch: int,
         compiled: bool,
+        shapes: str,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -313,7 +316,7 @@ class Service:
             "DARKROOM_MAX_BATCH_IMAGES": str(batch),
             "DARKROOM_PROGRESS_INTERVAL": "0.5",
             "DARKROOM_COMPILE": "1" if compiled else "0",
-            "DARKROOM_COMPILE_SHAPES": args.compile_shapes,
+            "DARKROOM_COMPILE_SHAPES": shapes,
             "DARKROOM_INDUCTOR_CACHE_DIR": str(args.cache_dir or workdir / "inductor-cache"),
             # A job that compiles its shape first must not time out.
             "DARKROOM_JOB_SOFT_TIME_LIMIT": "900",
@@ -474,7 +477,9 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
     size = 64 if args.tiny else (512 if arch == "sd15" else 1024)
     jobs = args.jobs if arch == "sd15" else args.xl_jobs
     batch = args.batch if arch == "sd15" else args.xl_batch
-    compiled = args.compile and arch == "sd15"  # SDXL's compile would not fit the run's time budget
+    # SDXL's compilation does not fit a whole run's time budget beside SD 1.5's: only with --xl-compile.
+    compiled = args.compile and (arch == "sd15" or args.xl_compile)
+    shapes = args.compile_shapes if arch == "sd15" else args.xl_compile_shapes
     log(f"{arch}: building random weights")
     model_dir = build(arch, workdir / "models" / arch, args.tiny, dtype, args.device)
     models_file = workdir / f"models-{arch}.toml"
@@ -484,7 +489,7 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
         f"min_size = 64\nmax_width = {max(size, 1024)}\nmax_height = {max(size, 1024)}\n"
         f"default_steps = {args.steps}\n"
     )
-    service = Service(workdir / arch, args, models_file, redis_url, arch, batch=batch, compiled=compiled)
+    service = Service(workdir / arch, args, models_file, redis_url, arch, batch=batch, compiled=compiled, shapes=shapes)
     (workdir / arch).mkdir(parents=True, exist_ok=True)
     service.start()
     try:
@@ -497,12 +502,12 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
         if compiled:  # the worker warms its listed shapes one at a time between batches
             from worker.acceleration import parse_shapes
 
-            shapes = len(parse_shapes(args.compile_shapes))
+            listed = len(parse_shapes(shapes))
             worker_log = workdir / arch / "worker.log"
 
             def warmed() -> bool:  # or given up: a failed compilation leaves the model eager
                 text = worker_log.read_text(errors="replace")
-                return text.count("compiled shape") >= shapes or "failed; it runs eagerly" in text
+                return text.count("compiled shape") >= listed or "failed; it runs eagerly" in text
 
             wait_until(warmed, 900, "shapes warmed")
         log(f"{arch}: burst of {jobs} jobs")
@@ -565,8 +570,14 @@ def main() -> None:
     parser.add_argument("--xl-batch", type=int, default=8, help="DARKROOM_MAX_BATCH_IMAGES of the SDXL worker")
     parser.add_argument("--idle", type=int, default=5, help="jobs for the idle latency")
     parser.add_argument("--direct-images", type=int, default=8, help="images for plain diffusers")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="SD 1.5 worker runs eager")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="every worker runs eager")
     parser.add_argument("--compile-shapes", default="512x512x1,512x512x16")
+    parser.add_argument(
+        "--xl-compile",
+        action="store_true",
+        help="the SDXL worker compiled too (with --arch sdxl: it needs a run alone)",
+    )
+    parser.add_argument("--xl-compile-shapes", default="1024x1024x1,1024x1024x8")
     parser.add_argument(
         "--cpu-compile", action="store_true", help="compile on a CPU too (smoke check of compile and restart)"
     )
@@ -592,8 +603,10 @@ def main() -> None:
         redis_proc, redis_url = start_redis(args.redis_server, workdir)
         try:
             for arch in ("sd15", "sdxl") if args.arch == "both" else (args.arch,):
-                # SDXL needs about 170 s (building, loading, its burst and plain diffusers).
-                if arch == "sdxl" and args.arch == "both" and time.monotonic() - T0 > args.budget_s - 170:
+                # SDXL needs about 170 s (building, loading, its burst and plain diffusers), and some 2 to 3
+                # minutes more per shape compiled (118 s for the UNet alone at one image, on the H200).
+                needed = 170 + (150 * len(args.xl_compile_shapes.split(",")) if args.xl_compile else 0)
+                if arch == "sdxl" and args.arch == "both" and time.monotonic() - T0 > args.budget_s - needed:
                     log("sdxl skipped: not enough of the time budget left")
                     continue
                 results.update(bench_arch(arch, args, workdir, redis_url, ceiling))
