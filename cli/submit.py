@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -24,24 +25,40 @@ def _api_key(given: str | None) -> str:
     sys.exit("no API key: pass --api-key or set DARKROOM_API_KEY")
 
 
+# Values of --image and --mask that are not local files: the API fetches or looks them up itself.
+REMOTE_PREFIXES = ("https://", "http://", "data:", "uploads/")
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+FIELDS = (
+    "model",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "num_images",
+    "task",
+    "strength",
+    "scale",
+    "noise_level",
+    "pad",
+    "scheduler",
+    "output_format",
+    "quality",
+    "priority",
+)
+
+
 def submit(args: argparse.Namespace) -> None:
     """Submit (with an idempotency key, so the client's retries never make a second job), optionally wait."""
     url = args.url or os.environ.get("DARKROOM_API_URL", "http://127.0.0.1:8000")
-    fields = {
-        k: getattr(args, k)
-        for k in (
-            "model",
-            "negative_prompt",
-            "width",
-            "height",
-            "steps",
-            "guidance_scale",
-            "seed",
-            "num_images",
-        )
-    }
+    fields: dict[str, Any] = {k: getattr(args, k) for k in FIELDS}
+    if args.lora:
+        fields["loras"] = [_lora(spec) for spec in args.lora]
     with Client(url, _api_key(args.api_key)) as client:
         try:
+            for name in ("image", "mask"):
+                fields[name] = _input_image(client, name, getattr(args, name))
             job = client.submit(args.prompt, **fields)
             if args.wait:
                 job = _wait(client, job)
@@ -51,12 +68,33 @@ def submit(args: argparse.Namespace) -> None:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             for index, output in enumerate(job["outputs"]):
-                path = out / f"{job['id']}-{index}.png"
+                path = out / f"{job['id']}-{index}.{EXTENSIONS.get(output['content_type'], 'bin')}"
                 path.write_bytes(client.download(output["url"]))
                 print(path, file=sys.stderr)
     print(json.dumps(job, indent=2))
     if args.wait and job["status"] != "succeeded":
         sys.exit(1)
+
+
+def _lora(spec: str) -> dict[str, Any]:
+    """`NAME` or `NAME:SCALE` as a job's LoRA reference."""
+    name, _, scale = spec.partition(":")
+    if not scale:
+        return {"name": name}
+    try:
+        return {"name": name, "scale": float(scale)}
+    except ValueError:
+        sys.exit(f"error: --lora {spec}: the scale after ':' must be a number")
+
+
+def _input_image(client: Client, option: str, value: str | None) -> str | None:
+    """A URL, data URI or uploads key as given; a local file uploaded first, as its uploads key."""
+    if value is None or value.startswith(REMOTE_PREFIXES):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        sys.exit(f"error: --{option} {value}: no such file (or give an https:// URL or an uploads key)")
+    return client.upload(path)["key"]
 
 
 def _wait(client: Client, job: Job) -> Job:

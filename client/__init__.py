@@ -9,7 +9,7 @@ with Client("http://127.0.0.1:8000", api_key) as darkroom:
 from client.aio import AsyncClient
 from client.protocol import DarkroomAPIError, Event
 from client.sync import Client
-from client.types import Batch, BatchList, BatchSummary, Job, JobList, LimitUsage, Output, Usage, WebhookPayload
+from client.types import Batch, BatchList, BatchSummary, Job, JobList, LimitUsage, Output, Upload, Usage, WebhookPayload
 from client.webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "JobList",
     "LimitUsage",
     "Output",
+    "Upload",
     "Usage",
     "WebhookPayload",
     "WebhookVerificationError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
@@ -16,12 +17,14 @@ from client.protocol import (
     SSEParser,
     batch_body,
     job_body,
+    new_idempotency_key,
     progress_events,
     raise_for_error,
     retry_delay,
     submit_options,
+    upload_file,
 )
-from client.types import Batch, BatchList, Job, JobList, Usage
+from client.types import Batch, BatchList, Job, JobList, Upload, Usage
 
 # Module-level names: inside the class, `list` is the method that lists jobs.
 JobBodies = list[dict[str, Any]]
@@ -84,6 +87,13 @@ class AsyncClient:
         headers, timeout = submit_options(idempotency_key, wait, self._http.timeout.read)
         body = job_body(prompt, fields)
         return cast(Job, await self._request("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout))
+
+    async def upload(self, image: bytes | str | os.PathLike[str], *, idempotency_key: str | None = None) -> Upload:
+        """Upload an input image (PNG, JPEG or WebP: its bytes, or a file's path) for a job's `image` or
+        `mask`. Keyed as a submit is, so a retried upload stores the image once."""
+        headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
+        files = await asyncio.to_thread(upload_file, image)  # a file's read off the event loop
+        return cast(Upload, await self._request("POST", "/v1/uploads", files=files, headers=headers))
 
     async def get(self, job_id: str, *, wait: int | None = None) -> Job:
         """One job; `wait` long-polls up to that many seconds (<= 60) for it to end."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,6 +61,14 @@ def retry_delay(response: httpx.Response, attempt: int) -> float | None:
 
 def new_idempotency_key() -> str:
     return str(uuid.uuid4())
+
+
+def upload_file(image: bytes | str | os.PathLike[str]) -> dict[str, tuple[str, bytes]]:
+    """The multipart `file` field of POST /v1/uploads: the image's bytes, or those of the file at its path."""
+    if isinstance(image, bytes):
+        return {"file": ("image", image)}
+    path = Path(image)
+    return {"file": (path.name, path.read_bytes())}
 
 
 def submit_options(

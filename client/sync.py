@@ -1,7 +1,9 @@
-"""Blocking client: submit, get, wait (SSE, with polling fallback), cancel, list, batches, delete, download."""
+"""Blocking client: submit, get, wait (SSE, with polling fallback), cancel, list, batches, delete, uploads,
+download."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -15,12 +17,14 @@ from client.protocol import (
     SSEParser,
     batch_body,
     job_body,
+    new_idempotency_key,
     progress_events,
     raise_for_error,
     retry_delay,
     submit_options,
+    upload_file,
 )
-from client.types import Batch, BatchList, Job, JobList, Usage
+from client.types import Batch, BatchList, Job, JobList, Upload, Usage
 
 # Module-level names: inside the class, `list` is the method that lists jobs.
 JobBodies = list[dict[str, Any]]
@@ -83,6 +87,12 @@ class Client:
         headers, timeout = submit_options(idempotency_key, wait, self._http.timeout.read)
         body = job_body(prompt, fields)
         return cast(Job, self._request("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout))
+
+    def upload(self, image: bytes | str | os.PathLike[str], *, idempotency_key: str | None = None) -> Upload:
+        """Upload an input image (PNG, JPEG or WebP: its bytes, or a file's path) for a job's `image` or
+        `mask`. Keyed as a submit is, so a retried upload stores the image once."""
+        headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
+        return cast(Upload, self._request("POST", "/v1/uploads", files=upload_file(image), headers=headers))
 
     def get(self, job_id: str, *, wait: int | None = None) -> Job:
         """One job; `wait` long-polls up to that many seconds (<= 60) for it to end."""

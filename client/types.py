@@ -51,6 +51,15 @@ class Job(TypedDict):
     webhook: JobWebhook | None
 
 
+class Upload(TypedDict):
+    """An uploaded input image: pass `key` as a job's `image` or `mask` until `expires_at`."""
+
+    key: str
+    width: int
+    height: int
+    expires_at: str
+
+
 class JobList(TypedDict):
     data: list[Job]
     next_cursor: str | None

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from standardwebhooks import Webhook
 
 from client import AsyncClient, Client, Event
@@ -162,3 +163,43 @@ def test_python_clients_and_the_cli_wait_with_progress(svc: Service) -> None:
     result = run_cli(["submit", "from the cli", "--steps", "2", "--wait"], env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "succeeded"
+
+
+def test_the_cli_uploads_local_input_images_and_saves_each_output_in_its_format(svc: Service, tmp_path: Path) -> None:
+    auth = svc.key("cli-inputs")
+    # 96x64, where the model's default is 64x64: an output of this size was made from this input.
+    image, mask = tmp_path / "house.png", tmp_path / "door.png"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(image)
+    door = Image.new("L", (96, 64), 0)
+    door.paste(255, (32, 16, 64, 48))
+    door.save(mask)
+    env = {**svc.env, "DARKROOM_API_KEY": api_key(auth), "DARKROOM_API_URL": svc.url}
+    out = tmp_path / "out"
+    args = ["submit", "a red door", "--task", "inpaint", "--image", str(image), "--mask", str(mask)]
+    args += ["--strength", "0.8", "--scheduler", "ddim", "--output-format", "jpeg", "--steps", "2"]
+    result = run_cli([*args, "--wait", "--out", str(out)], env)
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["status"] == "succeeded", job["error"]
+    assert {k: job["request"][k] for k in ("task", "strength", "scheduler")} == {
+        "task": "inpaint",
+        "strength": 0.8,
+        "scheduler": "ddim",
+    }
+    saved = list(out.iterdir())
+    assert [p.name for p in saved] == [f"{job['id']}-0.jpg"]
+    with Image.open(saved[0]) as picture:
+        assert (picture.format, picture.size) == ("JPEG", (96, 64))
+
+    missing = run_cli(["submit", "x", "--task", "img2img", "--image", str(tmp_path / "nope.png")], env)
+    assert missing.returncode != 0 and "--image" in missing.stderr and "no such file" in missing.stderr
+
+    async def upload() -> dict[str, Any]:
+        async with AsyncClient(svc.url, api_key(auth)) as aclient:
+            return dict(await aclient.upload(image.read_bytes()))
+
+    uploaded = asyncio.run(upload())
+    assert (uploaded["width"], uploaded["height"]) == (96, 64)
+    with Client(svc.url, api_key(auth)) as client:
+        job = client.submit("from an upload", task="img2img", image=uploaded["key"], steps=2, wait=60)
+    assert job["status"] == "succeeded" and (job["outputs"][0]["width"], job["outputs"][0]["height"]) == (96, 64)
