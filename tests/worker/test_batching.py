@@ -520,6 +520,35 @@ def test_progress_events_carry_a_preview_of_each_jobs_own_image(
     assert np.abs(first - second).mean() > 2
 
 
+def test_on_a_cuda_device_each_steps_progress_waits_for_the_device_to_finish_the_step_two_back(
+    darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # There, the host queues a step in well under a millisecond and nothing waits for the device: unheld,
+    # every step's progress (and cancel check, and the next batch's claim) would come at the call's start.
+    # No GPU here: the device's events are stand-ins that log when the host records one and waits on one.
+    told: list[str] = []
+
+    class Mark:
+        def record(self) -> None:
+            self.step = sum(entry.startswith("record") for entry in told) + 1
+            told.append(f"record {self.step}")
+
+        def synchronize(self) -> None:
+            told.append(f"wait {self.step}")
+
+    monkeypatch.setattr(generate, "on_cuda", lambda pipe: True)
+    monkeypatch.setattr(torch.cuda, "Event", Mark)
+    pipe = tasks.pipeline_cache().get(get_registry().get("tiny-sd"))  # type: ignore[arg-type]
+    request = {"prompt": "a lighthouse", "width": 64, "height": 48, "steps": 5, "guidance_scale": 7.0}
+    generate.generate_batch(
+        pipe, [{**request, "seed": 1, "num_images": 1}], lambda step, _: told.append(f"step {step}")
+    )
+    assert told == [
+        *("record 1", "step 1", "record 2", "step 2"),
+        *("record 3", "wait 1", "step 3", "record 4", "wait 2", "step 4", "record 5", "wait 3", "step 5"),
+    ]
+
+
 def test_previews_can_be_turned_off(darkroom_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DARKROOM_PREVIEW_EVERY_STEPS", "0")
     reset_caches()
