@@ -317,6 +317,7 @@ class Service:
             "DARKROOM_PROGRESS_INTERVAL": "0.5",
             "DARKROOM_COMPILE": "1" if compiled else "0",
             "DARKROOM_COMPILE_SHAPES": shapes,
+            "DARKROOM_COMPILE_TUNING": "1" if compiled and args.compile_tuning else "0",
             "DARKROOM_INDUCTOR_CACHE_DIR": str(args.cache_dir or workdir / "inductor-cache"),
             # A job that compiles its shape first must not time out.
             "DARKROOM_JOB_SOFT_TIME_LIMIT": "900",
@@ -534,6 +535,7 @@ def bench_arch(arch: str, args: argparse.Namespace, workdir: Path, redis_url: st
     results = {
         f"{arch}_batch": batch,
         f"{arch}_compiled": compiled,
+        f"{arch}_compile_tuning": compiled and args.compile_tuning,
         f"{arch}_first_job_s": round(first_job_s, 1),
         f"{arch}_service_img_per_s": round(service_rate, 3),
         f"{arch}_direct_img_per_s": round(direct_rate, 3),
@@ -578,6 +580,11 @@ def main() -> None:
         help="the SDXL worker compiled too (with --arch sdxl: it needs a run alone)",
     )
     parser.add_argument("--xl-compile-shapes", default="1024x1024x1,1024x1024x8")
+    parser.add_argument(
+        "--compile-tuning",
+        action="store_true",
+        help="compiled workers with DARKROOM_COMPILE_TUNING (inductor's Diffusion-Fast settings; longer cold compiles)",
+    )
     parser.add_argument(
         "--cpu-compile", action="store_true", help="compile on a CPU too (smoke check of compile and restart)"
     )

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         " between batches, in this order; batches are padded up to the nearest warmed bucket, and other shapes"
         " run eagerly.",
     )
+    compile_tuning: bool = Field(
+        False,
+        description="With compile: inductor's tuning from PyTorch's Diffusion-Fast recipe (1x1 convolutions as"
+        " matrix multiplies, each kernel's launch configuration tuned by coordinate descent, no epilogue fusion)."
+        " Cold compiles take longer; the compile cache keeps the result.",
+    )
     inductor_cache_dir: Path | None = Field(
         None, description="torch.compile's cache, kept across restarts. Default: `<data_dir>/inductor-cache`."
     )

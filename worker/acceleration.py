@@ -49,6 +49,17 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "dynamic": False}
 # And for the VAE's decode: a few large kernels a call, so CUDA graphs would save little and hold a memory
 # pool of full-size activations per warmed shape; inductor's fusions are the gain.
 DECODE_COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
+# DARKROOM_COMPILE_TUNING: the inductor settings of PyTorch's "Diffusion, Fast" recipe and of Hugging Face's
+# ahead-of-time compiled Spaces, epilogue fusion off as both have it. A UNet's 1x1 convolutions (attention
+# block projections, skip connections) become matrix multiplies; coordinate descent benchmarks launch
+# configurations around each generated kernel's heuristic one, which is what lengthens a cold compile.
+# Global: every compilation in a worker is a model's UNet or decode. Opt-in until a GPU run measures it.
+INDUCTOR_TUNING: dict[str, Any] = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "epilogue_fusion": False,
+}
 # Graphs TorchDynamo keeps per function, above which it runs the function eagerly, silently. Its default
 # of 8 is a guard against recompiling on every call; here each listed shape of each loaded model is one
 # graph of the same UNet forward (and one of the VAE's decode), compiled once, when it is warmed.
@@ -124,6 +135,11 @@ def prepare(pipe: Any, device: torch.device, settings: Settings) -> Any:
     if settings.compile and getattr(pipe, "unet", None) is not None and not is_upscaler(pipe):
         configure_compile_cache(settings)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        if settings.compile_tuning:
+            import torch._inductor.config
+
+            for name, value in INDUCTOR_TUNING.items():
+                setattr(torch._inductor.config, name, value)
         vae = getattr(pipe, "vae", None)
         unet: Any = torch.compile(pipe.unet, **COMPILE_OPTIONS)  # an OptimizedModule, typed as a callable
         # Outside the compiled graph: a wrapper's own hooks run before it is entered.

@@ -292,3 +292,36 @@ def test_compile_without_shapes_is_refused(darkroom_env: dict[str, Any], monkeyp
     monkeypatch.setenv("DARKROOM_COMPILE", "1")
     with pytest.raises(ValueError, match="DARKROOM_COMPILE_SHAPES must list the shapes"):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("tuning", [False, True])
+def test_compile_tuning_gives_inductor_the_diffusion_fast_settings_for_every_graph_of_a_model(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch, tuning: bool
+) -> None:
+    import torch._inductor.config as inductor
+
+    defaults = {name: getattr(inductor, name) for name in acceleration.INDUCTOR_TUNING}
+    seen: list[dict[str, Any]] = []
+
+    class Reading(Recorder):
+        """Reads inductor's settings as each graph is handed to the compiler, where inductor would read them."""
+
+        def __call__(self, graph: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+            seen.append({name: getattr(inductor, name) for name in acceleration.INDUCTOR_TUNING})
+            return super().__call__(graph, inputs)
+
+    monkeypatch.setattr(acceleration, "COMPILE_OPTIONS", {"backend": Reading(recorder.events), "dynamic": False})
+    decoder = Reading(recorder.events, prefix="decode ")
+    monkeypatch.setattr(acceleration, "DECODE_COMPILE_OPTIONS", {"backend": decoder, "dynamic": False})
+    monkeypatch.setenv("DARKROOM_COMPILE_TUNING", "1" if tuning else "0")
+    reset_caches()
+    with inductor.patch(defaults):  # put back afterwards: a worker sets them for good
+        tasks.pipeline_cache().get(get_registry().get("tiny-sd"))
+        acceleration.warm_next()
+
+    assert recorder.count("compile") > 0 and recorder.count("decode compile") > 0
+    assert len(seen) == recorder.count("compile") + recorder.count("decode compile")
+    assert all(settings == (acceleration.INDUCTOR_TUNING if tuning else defaults) for settings in seen)
+    # Each differs from inductor's own, so either side of the test tells one setting missed.
+    assert all(defaults[name] != value for name, value in acceleration.INDUCTOR_TUNING.items())
