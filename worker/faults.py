@@ -71,6 +71,11 @@ class FaultyPipeline:
 
         return self.pipe(*args, callback_on_step_end=step_end, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything but the call is the pipeline's own (its components, its execution device), so a
+        # poison job runs the same code as any other up to the fault.
+        return getattr(self.pipe, name)
+
 
 def wrap(pipe: Any, request: dict[str, Any]) -> Any:
     """The pipeline itself, or (tests only) a wrapper that fires the fault the job asks for."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,8 +51,9 @@ def test_host_script_leaves_figures_and_logs_under_out(tmp_path: Path) -> None:
     assert figures["sd15_direct_batch_img_per_s"] > 0  # plain diffusers at the service's batch size
     host = (out / "host.txt").read_text()
     assert f"{torch.__version__} {diffusers.__version__}" in host
-    # The worker's log is what tells a slow call from a slow service around it.
-    assert "call of 8 images" in (out / "sd15-worker.log").read_text()
+    # The worker's log is what tells a slow call from a slow service around it. How the burst's 8 jobs
+    # split into calls depends on when they arrive, so any size of call will do.
+    assert re.search(r"call of \d+ images \(padded to \d+\) took \d+ ms", (out / "sd15-worker.log").read_text())
     assert (out / "sd15-api.log").exists()
     assert sorted(p.name for p in out.iterdir()) == ["bench.log", "host.txt", "sd15-api.log", "sd15-worker.log"]
 
